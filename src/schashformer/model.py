@@ -1,0 +1,252 @@
+"""SCHashFormer: the user-facing estimator (data set-up, training, embedding, saving).
+
+The networks live in :mod:`schashformer.nn`, the training loops in
+:mod:`schashformer.train`; this module wires them to AnnData, like a scikit-learn
+estimator: ``fit`` / ``transform`` / ``predict`` / ``fit_predict`` / ``save`` / ``load``.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from . import buckets
+from .data import CellData
+from .errors import InputError, OutputExistsError, ParameterError
+from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
+from .preprocess import GeneStats, Prepared, prepare
+from .train import Stage2, TrainConfig, hash_cells, resolve_device, sorted_orders, train_indexer
+
+log = logging.getLogger(__name__)
+_MODEL_FILE = "model.pt"
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class SCHashFormer:
+    """Learnable-LSH + local-attention clustering of single-cell counts.
+
+    Parameters
+    ----------
+    n_clusters : number of clusters K (2 <= K <= cells).
+    n_top_genes : highly variable genes used as input (all genes if fewer).
+    seed : random seed; fixes every random choice on the CPU.
+    device : 'auto' (CUDA when available), 'cpu' or 'cuda'.
+    allow_noncounts : accept non-integer (pre-normalised) input.
+    progress : show progress bars.
+    **params : any field of :class:`schashformer.train.TrainConfig`.
+
+    Attributes after ``fit``
+    ------------------------
+    labels_ : (cells,) cluster of each input cell (-1 for cells with zero counts).
+    embedding_ : (cells, latent) embedding z (zeros for cells with zero counts).
+    codes_ : (cells, hash_heads) hash bucket ids.
+    bucket_stats_ : list of per-head bucket statistics.
+    timings_ : wall time (s) and peak resident memory (GiB) per stage.
+    history_ : training losses.
+    """
+
+    def __init__(self, n_clusters: int, *, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
+                 allow_noncounts: bool = False, progress: bool = True, **params):
+        unknown = set(params) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise ParameterError(f"unknown parameter(s) {sorted(unknown)}; see schashformer.train.TrainConfig")
+        self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
+        self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
+        self.config = TrainConfig(**params)
+        self.config.validate()
+        self._fitted = False
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, adata: ad.AnnData, *, batch_key: str | None = None, labels_key: str | None = None,
+            layer: str | None = None) -> "SCHashFormer":
+        """Train both stages on ``adata`` (raw counts, cells x genes) and cluster its cells.
+
+        ``labels_key`` is used only to report bucket purity, never for training.
+        """
+        if not isinstance(adata, ad.AnnData):
+            raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+        for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
+            if key is not None and key not in adata.obs:
+                raise InputError(f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
+        if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 2:
+            raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r}")
+        if self.n_clusters > adata.n_obs:
+            raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
+        cfg, device = self.config, resolve_device(self.device)
+        self._seed_everything()
+        rng = np.random.default_rng(self.seed)
+        self.timings_ = {}
+
+        with self._stage("preprocess"):
+            prep = prepare(adata, n_top_genes=self.n_top_genes, layer=layer, allow_noncounts=self.allow_noncounts)
+            if prep.n_cells < self.n_clusters:
+                raise ParameterError(f"n_clusters={self.n_clusters} exceeds the {prep.n_cells} cells with counts")
+            batch_index, self.batch_categories_ = self._batches(adata, batch_key, prep.cell_mask)
+            data = CellData(prep, batch_index, len(self.batch_categories_), device)
+        self.stats_ = prep.stats
+        n_batches = data.n_batches
+
+        with self._stage("stage1_hashing"):
+            self.indexer_ = LSHIndexer(prep.n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads,
+                                       cfg.bits_for(prep.n_cells), n_batches, cfg.dropout).to(device)
+            history = train_indexer(self.indexer_, data, cfg, rng, self.progress)
+            codes, h, hidden = hash_cells(self.indexer_, data, cfg.infer_batch)
+            labels = None if labels_key is None else np.asarray(adata.obs[labels_key])[prep.cell_mask]
+            self.bucket_stats_ = buckets.bucket_stats(codes, labels)
+
+        with self._stage("stage2_encoder"):
+            self.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent,
+                                                 cfg.layers, cfg.dropout).to(device)
+            self.decoder_ = ZINBDecoder(cfg.latent, prep.n_genes, cfg.hidden // 2, n_batches).to(device)
+            self.head_ = ClusterHead(self.n_clusters, cfg.latent).to(device)
+            stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, hidden, sorted_orders(codes, h), cfg, rng)
+            stage2.pretrain(self.progress)
+
+        with self._stage("stage2_clustering"):
+            self.kmeans_labels_ = self._expand(stage2.init_centres(self.seed), prep.cell_mask, -1)
+            stage2.cluster(self.progress)
+            z = stage2.embed_all()
+            q = stage2.soft_assign_all(z)
+
+        self.history_ = history + stage2.history
+        self.codes_ = self._expand(codes, prep.cell_mask, -1)
+        self.embedding_ = self._expand(z, prep.cell_mask, 0.0)
+        self.labels_ = self._expand(q.argmax(1), prep.cell_mask, -1)
+        self.n_removed_cells_ = int((~prep.cell_mask).sum())
+        self.max_attention_elements_ = self.encoder_.max_scores_numel
+        self._fitted = True
+        return self
+
+    def fit_predict(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
+        """``fit`` then return ``labels_``."""
+        return self.fit(adata, **kwargs).labels_
+
+    # ------------------------------------------------------------------ new cells
+    def transform(self, adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
+        """Embedding (cells, latent) of new cells measured on the training genes.
+
+        New cells are hashed by the trained indexer and attend to each other within
+        their own sorted chunks; cells with zero counts on the model's genes get zeros.
+        """
+        self._check_fitted()
+        prep = prepare(adata, layer=layer, allow_noncounts=self.allow_noncounts, stats=self.stats_)
+        z = self._embed(prep)
+        return self._expand(z, prep.cell_mask, 0.0)
+
+    def predict(self, adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
+        """Cluster of each new cell (argmax of the soft assignment); -1 for cells with zero counts."""
+        self._check_fitted()
+        prep = prepare(adata, layer=layer, allow_noncounts=self.allow_noncounts, stats=self.stats_)
+        z = self._embed(prep)
+        with torch.no_grad():
+            self.head_.eval()
+            q = self.head_(torch.from_numpy(z).to(self.head_.centres.device)).cpu().numpy()
+        return self._expand(q.argmax(1), prep.cell_mask, -1)
+
+    def _embed(self, prep: Prepared) -> np.ndarray:
+        data = CellData(prep, device=self.head_.centres.device)
+        codes, h, hidden = hash_cells(self.indexer_, data, self.config.infer_batch)
+        stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, hidden, sorted_orders(codes, h), self.config,
+                        np.random.default_rng(self.seed))
+        return stage2.embed_all()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the trained model to directory ``path`` (``model.pt`` inside)."""
+        self._check_fitted()
+        path = Path(path)
+        target = path / _MODEL_FILE
+        if target.exists() and not overwrite:
+            raise OutputExistsError(f"{target} already exists; pass overwrite=True to replace it")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "init": {"n_clusters": int(self.n_clusters), "n_top_genes": self.n_top_genes, "seed": self.seed,
+                     "allow_noncounts": self.allow_noncounts, **self.config.to_dict()},
+            "stats": {"genes": list(self.stats_.genes), "mean": torch.from_numpy(self.stats_.mean),
+                      "std": torch.from_numpy(self.stats_.std), "median_library": self.stats_.median_library},
+            "batch_categories": list(map(str, self.batch_categories_)),
+            "n_bits": self.indexer_.n_bits,
+            "indexer": self.indexer_.state_dict(), "encoder": self.encoder_.state_dict(),
+            "decoder": self.decoder_.state_dict(), "head": self.head_.state_dict(),
+        }
+        tmp = target.with_name("." + _MODEL_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto") -> "SCHashFormer":
+        """Load a model written by :meth:`save` (a directory or its ``model.pt``)."""
+        path = Path(path)
+        target = path / _MODEL_FILE if path.is_dir() else path
+        if not target.exists():
+            raise InputError(f"{target}: no saved scHashFormer model there")
+        try:
+            state = torch.load(target, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt file
+            raise InputError(f"{target}: not a readable scHashFormer model ({type(exc).__name__})") from None
+        init = dict(state["init"])
+        model = cls(init.pop("n_clusters"), n_top_genes=init.pop("n_top_genes"), seed=init.pop("seed"),
+                    allow_noncounts=init.pop("allow_noncounts"), device=device, progress=False, **init)
+        dev = resolve_device(device)
+        cfg, st = model.config, state["stats"]
+        model.stats_ = GeneStats(np.asarray(st["genes"]), st["mean"].numpy(), st["std"].numpy(), st["median_library"])
+        model.batch_categories_ = state["batch_categories"]
+        n_genes, n_batches = len(model.stats_.genes), len(model.batch_categories_)
+        model.indexer_ = LSHIndexer(n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads, state["n_bits"], n_batches,
+                                    cfg.dropout)
+        model.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent, cfg.layers, cfg.dropout)
+        model.decoder_ = ZINBDecoder(cfg.latent, n_genes, cfg.hidden // 2, n_batches)
+        model.head_ = ClusterHead(model.n_clusters, cfg.latent)
+        for name in ("indexer", "encoder", "decoder", "head"):
+            module = getattr(model, name + "_")
+            module.load_state_dict(state[name])
+            module.to(dev).eval()
+        model._fitted = True
+        return model
+
+    # ------------------------------------------------------------------ helpers
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise ParameterError("this SCHashFormer is not fitted yet; call fit(adata) first")
+
+    def _seed_everything(self) -> None:
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+
+    @contextmanager
+    def _stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings_[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_gib": round(_peak_rss_gib(), 3)}
+        log.info("%s: %.1f s", name, self.timings_[name]["seconds"])
+
+    @staticmethod
+    def _batches(adata: ad.AnnData, batch_key: str | None, cell_mask: np.ndarray):
+        if batch_key is None:
+            return None, []
+        col = adata.obs[batch_key]
+        if col.isna().any():
+            raise InputError(f"batch_key {batch_key!r} has {int(col.isna().sum())} missing values")
+        cats = pd.Categorical(col.astype(str))
+        return cats.codes[cell_mask].astype(np.int64), list(cats.categories)
+
+    @staticmethod
+    def _expand(values: np.ndarray, mask: np.ndarray, fill) -> np.ndarray:
+        """Rows for all input cells: ``values`` where ``mask``, ``fill`` elsewhere."""
+        if mask.all():
+            return values
+        out = np.full((mask.size,) + values.shape[1:], fill, dtype=values.dtype)
+        out[mask] = values
+        return out

@@ -1,0 +1,84 @@
+"""scanpy-style tools: functions that take an AnnData and write results under named keys."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import InputError, ParameterError
+from .model import SCHashFormer
+
+
+def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None, batch_key: str | None = None,
+            layer: str | None = None, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
+            key_added: str = "schashformer", allow_noncounts: bool = False, overwrite: bool = False,
+            copy: bool = False, progress: bool = True, return_model: bool = False, **params):
+    """Cluster cells with scHashFormer and write the results into ``adata``.
+
+    Parameters
+    ----------
+    adata : AnnData with raw counts (cells x genes) in ``.X`` or ``layer``.
+    n_clusters : number of clusters K.
+    labels_key : ``obs`` column of known cell types; used only for evaluation (metrics).
+    batch_key : ``obs`` column of batches, a covariate of the ZINB decoders.
+    layer, n_top_genes, seed, device, allow_noncounts, **params : see :class:`SCHashFormer`.
+    key_added : prefix of the keys written.
+    overwrite : replace results already stored under ``key_added``.
+    copy : work on a copy and return it.
+    return_model : also return the trained :class:`SCHashFormer`.
+
+    Writes
+    ------
+    ``obsm[f"X_{key_added}"]`` (cells, latent) embedding; ``obs[key_added]`` categorical clusters;
+    ``obsm[f"{key_added}_codes"]`` (cells, hash heads) bucket ids; ``uns[key_added]`` with
+    ``params``, ``timings``, ``bucket_stats``, ``version`` and, with labels, ``metrics``.
+
+    Returns
+    -------
+    The AnnData if ``copy``, else None; with ``return_model`` a tuple (that, model).
+    """
+    adata = adata.copy() if copy else adata
+    keys = {"obs": key_added, "obsm": f"X_{key_added}", "uns": key_added}
+    taken = [f"{where}[{k!r}]" for where, k in keys.items() if k in getattr(adata, where)]
+    if taken and not overwrite:
+        raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
+    if labels_key is not None:
+        if labels_key not in adata.obs:
+            raise InputError(f"labels_key {labels_key!r} is not a column of adata.obs "
+                             f"(columns: {list(adata.obs.columns)})")
+        if adata.obs[labels_key].isna().all():
+            raise InputError(f"labels_key {labels_key!r}: every value is missing")
+
+    model = SCHashFormer(n_clusters, n_top_genes=n_top_genes, seed=seed, device=device,
+                         allow_noncounts=allow_noncounts, progress=progress, **params)
+    model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer)
+    write_results(adata, model, key_added=key_added, labels_key=labels_key, batch_key=batch_key)
+    out = adata if copy else None
+    return (out, model) if return_model else out
+
+
+def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "schashformer",
+                  labels_key: str | None = None, batch_key: str | None = None) -> None:
+    """Store a fitted model's embedding, labels, codes and run record in ``adata``."""
+    labels = pd.Categorical(np.where(model.labels_ >= 0, model.labels_.astype(str), None),
+                            categories=[str(k) for k in range(model.n_clusters)])
+    adata.obs[key_added] = labels
+    adata.obsm[f"X_{key_added}"] = model.embedding_.astype(np.float32)
+    adata.obsm[f"{key_added}_codes"] = model.codes_.astype(np.int64)
+    record = {
+        "version": __version__,
+        "params": {"n_clusters": int(model.n_clusters), "n_top_genes": model.n_top_genes, "seed": model.seed,
+                   "labels_key": labels_key or "", "batch_key": batch_key or "",
+                   **{k: ("" if v is None else v) for k, v in model.config.to_dict().items()}},
+        "timings": model.timings_,
+        "bucket_stats": pd.DataFrame(model.bucket_stats_).to_dict(orient="list"),
+        "n_removed_cells": model.n_removed_cells_,
+        "genes": np.asarray(model.stats_.genes, dtype=str),
+    }
+    if labels_key is not None:
+        from .metrics import clustering_scores
+
+        record["metrics"] = clustering_scores(adata.obs[labels_key].to_numpy(), labels.to_numpy())
+    adata.uns[key_added] = record

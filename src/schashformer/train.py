@@ -1,0 +1,300 @@
+"""The two training stages and the inference passes.
+
+Stage 1 trains the hasher on shuffled minibatches. Stage 2 trains the neighbourhood
+Transformer on batches of chunks of the hash-sorted order: first with the ZINB loss
+alone, then, after k-means has placed the cluster centres, with ZINB + KL(P || Q).
+All passes are O(cells) per epoch; inference never holds more than one batch dense.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
+
+from . import buckets
+from .data import CellData
+from .errors import ParameterError, TrainingError
+from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder, target_distribution, zinb_nll
+from .nn.cluster_head import kl_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of both stages (defaults chosen by the benchmarks, see docs)."""
+
+    # stage 1: hasher
+    hash_heads: int = 3
+    hash_bits: int | None = None  # None: log2(cells / 16), clipped to [4, 16]
+    hidden: int = 512
+    hash_latent: int = 128
+    stage1_steps: int = 200
+    stage1_batch: int = 512
+    tau: float = 0.8
+    mask_rate: float = 0.2
+    w_contrastive: float = 1.0
+    bucket_weight: float = 1.0  # weight of same-bucket positives relative to the cell's own other view
+    w_balance: float = 1.0
+    w_quantisation: float = 0.1
+    # stage 2: neighbourhood Transformer + clustering head
+    chunk_size: int = 16
+    chunks_per_batch: int = 32
+    d_model: int = 256
+    attn_heads: int = 4
+    layers: int = 1
+    latent: int = 32
+    stage2_pretrain_steps: int = 300
+    stage2_cluster_steps: int = 300
+    update_interval: int = 50  # steps between refreshes of the target distribution P
+    tol: float = 0.001  # stop when fewer than this fraction of labels change between refreshes
+    w_consistency: float = 1.0  # stage-2 InfoNCE between two dropout passes of the same chunks
+    alpha: float = 0.1  # weight of the KL clustering loss
+    beta: float = 1.0  # weight of the ZINB loss in stage 2
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    kmeans_n_init: int = 20
+    infer_batch: int = 2048
+
+    def bits_for(self, n_cells: int) -> int:
+        if self.hash_bits is not None:
+            return self.hash_bits
+        return int(np.clip(round(math.log2(max(n_cells, 2) / 16)), 4, 16))
+
+    def validate(self) -> None:
+        for name in ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch",
+                     "d_model", "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch"):
+            if getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps"):
+            if getattr(self, name) < 0:
+                raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.d_model % self.attn_heads:
+            raise ParameterError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
+        if not 0 <= self.mask_rate < 1 or not 0 <= self.dropout < 1:
+            raise ParameterError("mask_rate and dropout must be in [0, 1)")
+        if self.tau <= 0 or self.lr <= 0:
+            raise ParameterError(f"tau and lr must be > 0, got tau={self.tau}, lr={self.lr}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; an explicit 'cuda' without a GPU is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("device='cuda' was requested but no CUDA GPU is available; use device='cpu' or 'auto'")
+    return device
+
+
+def _optimiser(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, cfg: TrainConfig, stage: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{stage}: loss became {loss.item()}; lower lr (now {cfg.lr}) or check the input counts")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+
+
+def _cycle(make_iter):
+    while True:
+        yield from make_iter()
+
+
+# ----------------------------------------------------------------------------- stage 1
+def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np.random.Generator,
+                  progress: bool = True) -> list[dict]:
+    """Train the hasher for ``cfg.stage1_steps`` minibatch steps; returns the loss history."""
+    indexer.train()
+    params = list(indexer.parameters())
+    opt = _optimiser(params, cfg)
+    batch = min(cfg.stage1_batch, data.n_cells)
+    batches = _cycle(lambda: data.minibatches(batch, rng))
+    history = []
+    gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
+    bar = tqdm(range(cfg.stage1_steps), desc="stage 1: hashing", disable=not progress, leave=False)
+    for step in bar:
+        rows = next(batches)
+        if len(rows) < 2:
+            continue
+        x = data.inputs(rows)
+        counts, sf, onehot = data.targets(rows)
+        keep = 1.0 - cfg.mask_rate
+        x1 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
+        x2 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
+        terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight)
+        loss = (terms["zinb"] + cfg.w_contrastive * terms["contrastive"] + cfg.w_balance * terms["balance"]
+                + cfg.w_quantisation * terms["quantisation"])
+        _step(opt, loss, params, cfg, "stage 1")
+        if step % 10 == 0 or step == cfg.stage1_steps - 1:
+            history.append({"stage": 1, "step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return history
+
+
+@torch.no_grad()
+def hash_cells(indexer: LSHIndexer, data: CellData, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bucket ids (cells, H), continuous hash embeddings (cells, H, b) and hidden (cells, n_latent)."""
+    indexer.eval()
+    codes, hs, hidden = [], [], []
+    for rows in data.minibatches(batch):
+        hid, h = indexer(data.inputs(rows))
+        codes.append(indexer.codes(h).cpu().numpy())
+        hs.append(h.cpu().numpy())
+        hidden.append(hid.cpu().numpy())
+    return np.concatenate(codes), np.concatenate(hs), np.concatenate(hidden)
+
+
+def sorted_orders(codes: np.ndarray, h: np.ndarray) -> list[np.ndarray]:
+    """One hash-sorted cell order per head; ties broken by the continuous code value."""
+    weights = 2.0 ** -np.arange(h.shape[2])
+    return [buckets.sort_order(codes[:, k], h[:, k] @ weights) for k in range(codes.shape[1])]
+
+
+# ----------------------------------------------------------------------------- stage 2
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of ``a`` and row i of ``b`` are positives, other rows negatives."""
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    logits = a @ b.T / tau
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+
+
+class Stage2:
+    """The neighbourhood encoder with its ZINB decoder and clustering head, and their passes.
+
+    Tokens are the cells' stage-1 hidden representations ``features`` (cells, n_latent):
+    the hasher has already compressed the genes, so stage 2 attends over short vectors
+    and only its ZINB decoder touches the gene dimension.
+    """
+
+    def __init__(self, encoder: NeighbourhoodEncoder, decoder: ZINBDecoder, head: ClusterHead | None,
+                 data: CellData, features: np.ndarray, orders: list[np.ndarray], cfg: TrainConfig,
+                 rng: np.random.Generator):
+        self.encoder, self.decoder, self.head = encoder, decoder, head
+        self.data, self.orders, self.cfg, self.rng = data, orders, cfg, rng
+        self.features = torch.from_numpy(features).to(data.device)
+        self.history: list[dict] = []
+
+    def _embed(self, tokens: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """tokens (chunks, 2C) cell ids -> z of the query cells (n, latent) and their ids."""
+        c = self.cfg.chunk_size
+        mask = tokens >= 0
+        x = self.features[torch.from_numpy(np.where(mask, tokens, 0)).to(self.features.device)]
+        z = self.encoder(x, torch.from_numpy(mask).to(x.device), n_query=c)
+        query = mask[:, -c:]
+        return z[torch.from_numpy(query).to(x.device)], tokens[:, -c:][query]
+
+    def _batches(self, step: int):
+        """Chunk token batches for one pass over the cells, head and shift varying by epoch."""
+        order = self.orders[step % len(self.orders)]
+        chunks = buckets.chunk_index(order, self.cfg.chunk_size, shift=int(self.rng.integers(self.cfg.chunk_size)))
+        ids = self.rng.permutation(len(chunks))
+        for start in range(0, len(ids), self.cfg.chunks_per_batch):
+            yield buckets.with_lookback(chunks, ids[start:start + self.cfg.chunks_per_batch])
+
+    def _token_batches(self):
+        epoch = 0
+        while True:
+            yield from self._batches(epoch)
+            epoch += 1
+
+    def pretrain(self, progress: bool = True) -> None:
+        """ZINB-only training of encoder + decoder."""
+        self._run(self.cfg.stage2_pretrain_steps, with_kl=False, progress=progress)
+
+    def init_centres(self, seed: int) -> np.ndarray:
+        """k-means on the embedding places the cluster centres; returns its labels."""
+        z = self.embed_all()
+        km = KMeans(self.head.centres.shape[0], n_init=self.cfg.kmeans_n_init, random_state=seed).fit(z)
+        with torch.no_grad():
+            self.head.centres.copy_(torch.from_numpy(km.cluster_centers_).float())
+        return km.labels_
+
+    def cluster(self, progress: bool = True) -> None:
+        """ZINB + KL(P || Q) training with P refreshed every ``update_interval`` steps."""
+        self._run(self.cfg.stage2_cluster_steps, with_kl=True, progress=progress)
+
+    def _run(self, n_steps: int, with_kl: bool, progress: bool) -> None:
+        cfg = self.cfg
+        modules = [self.encoder, self.decoder] + ([self.head] if with_kl else [])
+        params = [p for m in modules for p in m.parameters()]
+        opt = _optimiser(params, cfg)
+        batches = self._token_batches()
+        p_all, last_labels = None, None
+        desc = "stage 2: clustering" if with_kl else "stage 2: encoder"
+        bar = tqdm(range(n_steps), desc=desc, disable=not progress, leave=False)
+        for step in bar:
+            if with_kl and step % cfg.update_interval == 0:
+                q_all = self.soft_assign_all()
+                labels = q_all.argmax(1)
+                if last_labels is not None:
+                    changed = float((labels != last_labels).mean())
+                    bar.set_postfix(changed=f"{changed:.4f}")
+                    if changed < cfg.tol:
+                        log.info("stage 2 converged at step %d (%.4f%% labels changed)", step, 100 * changed)
+                        break
+                last_labels = labels
+                p_all = target_distribution(torch.from_numpy(q_all)).to(self.data.device)
+            for m in modules:
+                m.train()
+            tokens = next(batches)
+            z, rows = self._embed(tokens)
+            counts, sf, onehot = self.data.targets(rows)
+            zinb = zinb_nll(counts, *self.decoder(z, sf, onehot))
+            loss = cfg.beta * zinb
+            terms = {"zinb": zinb.item()}
+            if cfg.w_consistency > 0:
+                # A second pass sees other dropout noise on tokens and attention: its z must still
+                # identify the same cell among the batch (SimCSE-style), which keeps z discriminative.
+                cons = info_nce(z, self._embed(tokens)[0], cfg.tau)
+                loss = loss + cfg.w_consistency * cons
+                terms["consistency"] = cons.item()
+            if with_kl:
+                kl = kl_loss(p_all[torch.from_numpy(rows).to(z.device)], self.head(z))
+                loss = loss + cfg.alpha * kl
+                terms["kl"] = kl.item()
+            _step(opt, loss, params, cfg, desc)
+            if step % 10 == 0:
+                self.history.append({"stage": "2-cluster" if with_kl else "2-pretrain", "step": step,
+                                     "loss": loss.item(), **terms})
+
+    @torch.no_grad()
+    def embed_all(self, orders: list[np.ndarray] | None = None) -> np.ndarray:
+        """Embedding z of every cell (cells, latent): mean over the hash heads' chunkings."""
+        self.encoder.eval()
+        orders = self.orders if orders is None else orders
+        n = len(orders[0])
+        z_sum = np.zeros((n, self.cfg.latent), dtype=np.float32)
+        per_batch = max(1, self.cfg.infer_batch // self.cfg.chunk_size)
+        for order in orders:
+            chunks = buckets.chunk_index(order, self.cfg.chunk_size)
+            for start in range(0, len(chunks), per_batch):
+                ids = np.arange(start, min(start + per_batch, len(chunks)))
+                z, rows = self._embed(buckets.with_lookback(chunks, ids))
+                z_sum[rows] += z.cpu().numpy()
+        return z_sum / len(orders)
+
+    @torch.no_grad()
+    def soft_assign_all(self, z: np.ndarray | None = None) -> np.ndarray:
+        """q (cells, K) for every cell."""
+        z = self.embed_all() if z is None else z
+        self.head.eval()
+        out = [self.head(torch.from_numpy(z[s:s + self.cfg.infer_batch]).to(self.data.device)).cpu().numpy()
+               for s in range(0, len(z), self.cfg.infer_batch)]
+        return np.concatenate(out)
