@@ -1,3 +1,12 @@
-"""scHashFormer: fast, scalable scRNA-seq clustering via learnable LSH and local attention."""
+"""scHashFormer: fast, scalable scRNA-seq clustering via learnable LSH and local attention.
+
+``schashformer.tl.cluster(adata, n_clusters)`` for the scanpy-style API,
+``schashformer.SCHashFormer`` for the estimator, ``schashformer.io.read`` for files.
+"""
+
 __version__ = "0.1.0"
 
+from . import io, pl, tl  # noqa: E402
+from .model import SCHashFormer  # noqa: E402
+
+__all__ = ["SCHashFormer", "io", "pl", "tl", "__version__"]

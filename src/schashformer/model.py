@@ -173,8 +173,8 @@ class SCHashFormer:
         state = {
             "init": {"n_clusters": int(self.n_clusters), "n_top_genes": self.n_top_genes, "seed": self.seed,
                      "allow_noncounts": self.allow_noncounts, **self.config.to_dict()},
-            "stats": {"genes": list(self.stats_.genes), "mean": torch.from_numpy(self.stats_.mean),
-                      "std": torch.from_numpy(self.stats_.std), "median_library": self.stats_.median_library},
+            "stats": {"genes": [str(g) for g in self.stats_.genes], "mean": torch.from_numpy(self.stats_.mean),
+                      "std": torch.from_numpy(self.stats_.std), "median_library": float(self.stats_.median_library)},
             "batch_categories": list(map(str, self.batch_categories_)),
             "n_bits": self.indexer_.n_bits,
             "indexer": self.indexer_.state_dict(), "encoder": self.encoder_.state_dict(),

@@ -1,0 +1,66 @@
+"""The paper's entry point: ``python main.py --dataset NAME`` runs configs/NAME.yml.
+
+A config gives the data path (relative to this folder), the labels key, the number of
+clusters, optional batch key and any TrainConfig hyper-parameters under ``params``.
+Results go to ``runs/NAME/`` (refused if present unless --overwrite).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from schashformer import io
+from schashformer.cli import _print_report, run_cluster
+from schashformer.errors import InputError, SCHashFormerError
+
+ROOT = Path(__file__).resolve().parent
+
+
+def load_config(name: str) -> dict:
+    path = ROOT / "configs" / f"{name}.yml"
+    if not path.exists():
+        known = sorted(p.stem for p in (ROOT / "configs").glob("*.yml"))
+        raise InputError(f"no config {path}; known data sets: {', '.join(known)}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    missing = {"data_path", "n_clusters"} - set(cfg)
+    if missing:
+        raise InputError(f"{path}: missing field(s) {sorted(missing)}")
+    return cfg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="name of a file in configs/ (without .yml)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output directory (default runs/NAME)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.dataset)
+        data = Path(cfg["data_path"])
+        data = data if data.is_absolute() else ROOT / data
+        if not data.exists():
+            raise InputError(f"data set {args.dataset!r} not found at {data}. It is published at: {cfg.get('source', '?')}. "
+                             f"Download it and put it at {data} (or edit data_path in configs/{args.dataset}.yml)")
+        if not cfg["n_clusters"]:
+            raise InputError(f"configs/{args.dataset}.yml: set n_clusters to the number of cell types")
+        start = time.perf_counter()
+        adata = io.read(data, format=cfg.get("format"))
+        out = Path(args.out or ROOT / "runs" / args.dataset)
+        report = run_cluster(adata, n_clusters=int(cfg["n_clusters"]), out=out, labels_key=cfg.get("labels_key"),
+                             batch_key=cfg.get("batch_key"), seed=args.seed, params=cfg.get("params") or {},
+                             overwrite=args.overwrite, progress=not args.quiet, input_name=str(data),
+                             read_seconds=time.perf_counter() - start)
+        _print_report(report, out)
+        return 0
+    except SCHashFormerError as exc:
+        print(f"main.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

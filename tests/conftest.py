@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Small networks and few steps: tests check behaviour, benchmarks check quality at defaults.
+FAST = dict(stage1_steps=40, stage2_pretrain_steps=40, stage2_cluster_steps=40, hidden=64, hash_latent=32,
+            d_model=32, latent=8, kmeans_n_init=3, update_interval=20, stage1_batch=128)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not DATA.exists():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+def simulate_counts(n_cells=300, n_genes=200, n_types=3, seed=0, dispersion=5.0) -> ad.AnnData:
+    """Negative binomial counts with type-specific marker genes and varying library sizes."""
+    rng = np.random.default_rng(seed)
+    types = rng.integers(n_types, size=n_cells)
+    base = rng.gamma(1.0, 1.0, size=n_genes)
+    means = np.tile(base, (n_types, 1))
+    for t in range(n_types):
+        markers = rng.choice(n_genes, n_genes // 10, replace=False)
+        means[t, markers] *= 8.0
+    library = rng.lognormal(0.0, 0.3, size=n_cells)
+    mu = means[types] * library[:, None]
+    counts = rng.negative_binomial(dispersion, dispersion / (dispersion + mu)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    adata.obs_names = [f"c{i}" for i in range(n_cells)]
+    adata.var_names = [f"g{j}" for j in range(n_genes)]
+    adata.obs["label"] = pd.Categorical(types.astype(str))
+    return adata
+
+
+@pytest.fixture
+def sim() -> ad.AnnData:
+    return simulate_counts()

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from schashformer import SCHashFormer, buckets
+from schashformer.errors import InputError, ParameterError
+from schashformer.nn import zinb_nll
+from tests.conftest import FAST, simulate_counts
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    adata = simulate_counts(n_cells=400, n_genes=200, n_types=3, seed=1)
+    model = SCHashFormer(3, seed=0, progress=False, **FAST).fit(adata, labels_key="label")
+    return adata, model
+
+
+def test_recovers_simulated_types(fitted):
+    adata, model = fitted
+    assert model.labels_.shape == (400,) and model.embedding_.shape == (400, FAST["latent"])
+    assert np.isfinite(model.embedding_).all()
+    assert adjusted_rand_score(adata.obs["label"], model.labels_) > 0.9
+
+
+def test_bucket_stats_reported(fitted):
+    _, model = fitted
+    assert len(model.bucket_stats_) == model.config.hash_heads
+    for s in model.bucket_stats_:
+        assert 1 <= s["n_buckets"] <= 400 and 0 <= s["purity"] <= 1 and s["size_max"] >= s["size_median"]
+    assert set(model.timings_) == {"preprocess", "stage1_hashing", "stage2_encoder", "stage2_clustering"}
+
+
+def test_attention_never_grows_with_cells():
+    """The no-N^2 property: the largest attention tensor depends on the chunk layout only."""
+    sizes = {}
+    for n in (800, 3200):
+        m = SCHashFormer(3, seed=0, progress=False, **{**FAST, "infer_batch": 256}).fit(simulate_counts(n_cells=n, seed=2))
+        cfg = m.config
+        sizes[n] = m.max_attention_elements_
+        # chunks x heads x C queries x 2C keys (own chunk + previous chunk), C = chunk_size
+        bound = max(cfg.chunks_per_batch, cfg.infer_batch // cfg.chunk_size) * cfg.attn_heads * 2 * cfg.chunk_size**2
+        assert sizes[n] == bound
+    assert sizes[3200] == sizes[800]
+
+
+def test_chunk_layout_is_sort_and_chunk():
+    codes = np.array([3, 1, 3, 0, 1, 2, 3])
+    order = buckets.sort_order(codes, np.zeros(7))
+    assert list(codes[order]) == sorted(codes)
+    chunks = buckets.chunk_index(order, 3)
+    assert chunks.shape == (3, 3) and chunks[-1, -1] == -1 and sorted(chunks[chunks >= 0]) == list(range(7))
+    tokens = buckets.with_lookback(chunks, np.array([0, 2]))
+    assert (tokens[0, :3] == -1).all() and list(tokens[1, :3]) == list(chunks[1])
+
+
+def test_same_seed_same_labels():
+    adata = simulate_counts(n_cells=200, seed=4)
+    a = SCHashFormer(3, seed=7, progress=False, **FAST).fit_predict(adata)
+    b = SCHashFormer(3, seed=7, progress=False, **FAST).fit_predict(adata)
+    assert np.array_equal(a, b)
+
+
+def test_save_load_predict(fitted, tmp_path):
+    adata, model = fitted
+    model.save(tmp_path / "m")
+    with pytest.raises(Exception, match="already exists"):
+        model.save(tmp_path / "m")
+    loaded = SCHashFormer.load(tmp_path / "m", device="cpu")
+    assert np.allclose(loaded.transform(adata), model.transform(adata), atol=1e-5)
+    assert np.array_equal(loaded.predict(adata), model.predict(adata))
+    assert adjusted_rand_score(model.labels_, model.predict(adata)) > 0.9
+
+
+def test_predict_new_cells(fitted):
+    _, model = fitted
+    new = simulate_counts(n_cells=150, n_genes=200, n_types=3, seed=1)[:150]
+    assert model.predict(new).shape == (150,) and model.transform(new).shape == (150, FAST["latent"])
+
+
+def test_bad_parameters(sim):
+    with pytest.raises(ParameterError, match="n_clusters"):
+        SCHashFormer(1, progress=False, **FAST).fit(sim)
+    with pytest.raises(ParameterError, match="larger than the number of cells"):
+        SCHashFormer(301, progress=False, **FAST).fit(sim)
+    with pytest.raises(ParameterError, match="unknown parameter"):
+        SCHashFormer(3, not_a_param=1)
+    with pytest.raises(InputError, match="batch_key 'nope'"):
+        SCHashFormer(3, progress=False, **FAST).fit(sim, batch_key="nope")
+    with pytest.raises(ParameterError, match="not fitted"):
+        SCHashFormer(3).predict(sim)
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="no CUDA GPU"):
+            SCHashFormer(3, device="cuda", progress=False, **FAST).fit(sim)
+
+
+def test_batch_covariate(sim):
+    sim.obs["batch"] = np.where(np.arange(sim.n_obs) % 2, "a", "b")
+    model = SCHashFormer(3, seed=0, progress=False, **FAST).fit(sim, batch_key="batch")
+    assert model.batch_categories_ == ["a", "b"] and adjusted_rand_score(sim.obs["label"], model.labels_) > 0.8
+
+
+def test_zinb_is_finite_for_extreme_values():
+    x = torch.tensor([[0.0, 1.0, 1e5]])
+    mu = torch.tensor([[1e-8, 1e6, 1e-3]])
+    nll = zinb_nll(x, mu, torch.full_like(mu, 1e-4), torch.tensor([[50.0, -50.0, 0.0]]))
+    assert torch.isfinite(nll)

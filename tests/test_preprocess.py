@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from schashformer.errors import InputError, ParameterError
+from schashformer.preprocess import prepare
+from tests.conftest import simulate_counts
+
+
+def test_prepare_keeps_raw_counts_and_stays_sparse(sim):
+    prep = prepare(sim, n_top_genes=50)
+    assert prep.counts.shape == (300, 50) and sp.isspmatrix_csr(prep.counts) and sp.isspmatrix_csr(prep.logn)
+    cols = [list(sim.var_names).index(g) for g in prep.stats.genes]
+    assert np.array_equal(prep.counts.toarray(), sim.X.toarray()[:, cols])  # raw counts, not normalised
+    assert np.isclose(np.median(prep.size_factors), 1.0, atol=0.05)
+
+
+def test_standardised_batches(sim):
+    prep = prepare(sim, n_top_genes=50)
+    x = prep.standardised(np.arange(prep.n_cells))
+    assert x.shape == (300, 50) and x.dtype == np.float32
+    assert np.allclose(x.mean(0), 0, atol=0.05) and np.allclose(x.std(0, ddof=1)[x.std(0) > 0], 1, atol=0.05)
+    assert np.abs(x).max() <= 10.0
+
+
+def test_hvg_selects_marker_genes(sim):
+    prep = prepare(sim, n_top_genes=20)
+    assert len(prep.stats.genes) == 20 and prep.n_genes == 20
+
+
+def test_zero_cells_removed_and_reported(sim):
+    x = sim.X.toarray()
+    x[[3, 7]] = 0
+    sim.X = sp.csr_matrix(x)
+    prep = prepare(sim)
+    assert prep.n_cells == 298 and not prep.cell_mask[3] and not prep.cell_mask[7]
+
+
+@pytest.mark.parametrize("value,match", [(np.nan, "NaN"), (np.inf, "NaN/inf"), (-2.0, "negative"), (0.5, "non-integer")])
+def test_rejects_bad_values(sim, value, match):
+    x = sim.X.toarray()
+    x[0, 0] = value
+    sim.X = sp.csr_matrix(x)
+    with pytest.raises(InputError, match=match):
+        prepare(sim)
+
+
+def test_allow_noncounts(sim):
+    sim.X = sim.X * 0.5
+    assert prepare(sim, allow_noncounts=True).n_cells == 300
+
+
+def test_all_zero_input(sim):
+    sim.X = sp.csr_matrix(sim.shape, dtype=np.float32)
+    with pytest.raises(InputError, match="zero counts"):
+        prepare(sim)
+
+
+def test_bad_n_top_genes(sim):
+    with pytest.raises(ParameterError, match="n_top_genes"):
+        prepare(sim, n_top_genes=0)
+
+
+def test_stats_align_new_data_and_warn_on_missing_genes(sim):
+    prep = prepare(sim, n_top_genes=50)
+    new = simulate_counts(n_cells=40, seed=3)[:, ::-1].copy()  # same genes, other order
+    again = prepare(new, stats=prep.stats)
+    assert list(again.stats.genes) == list(prep.stats.genes)
+    cols = [list(new.var_names).index(g) for g in prep.stats.genes]
+    assert np.array_equal(again.counts.toarray(), new.X.toarray()[:, cols])
+    partial = new[:, [g for g in new.var_names if g != prep.stats.genes[0]]].copy()
+    with pytest.warns(UserWarning, match="missing"):
+        p2 = prepare(partial, stats=prep.stats)
+    assert p2.counts[:, 0].nnz == 0
+    other = new.copy()
+    other.var_names = [f"x{j}" for j in range(new.n_vars)]
+    with pytest.raises(InputError, match="none of the model"):
+        prepare(other, stats=prep.stats)
