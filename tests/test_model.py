@@ -105,3 +105,22 @@ def test_zinb_is_finite_for_extreme_values():
     mu = torch.tensor([[1e-8, 1e6, 1e-3]])
     nll = zinb_nll(x, mu, torch.full_like(mu, 1e-4), torch.tensor([[50.0, -50.0, 0.0]]))
     assert torch.isfinite(nll)
+
+
+def test_hash_knn_graph_links_similar_cells():
+    rng = np.random.default_rng(0)
+    types = np.repeat(np.arange(4), 100)
+    z = rng.normal(size=(400, 8)) * 0.1 + types[:, None] * 3.0
+    order = np.argsort(z[:, 0] + rng.normal(size=400) * 0.01)
+    graph = buckets.hash_knn_graph(z, [order, rng.permutation(400)], chunk_size=16, n_neighbors=10)
+    assert graph.shape == (400, 400) and (graph != graph.T).nnz == 0 and graph.diagonal().sum() == 0
+    rows, cols = graph.nonzero()
+    assert (types[rows] == types[cols]).mean() > 0.95
+    assert graph.getnnz(axis=1).min() >= 10
+
+
+def test_leiden_init_option(sim):
+    model = SCHashFormer(3, seed=0, progress=False, init="leiden", **FAST).fit(sim)
+    assert adjusted_rand_score(sim.obs["label"], model.labels_) > 0.8
+    with pytest.raises(ParameterError, match="init must be"):
+        SCHashFormer(3, init="spectral")

@@ -68,3 +68,42 @@ def pd_isna(values) -> np.ndarray:
     import pandas as pd
 
     return np.asarray(pd.isna(pd.Series(values)))
+
+
+def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_neighbors: int = 15,
+                   block: int = 65536):
+    """Sparse kNN graph from hash neighbourhoods only: (cells, cells) CSR, symmetric, 0/1 weights.
+
+    Candidates of a cell are the cells of its chunk and the two adjacent chunks in every
+    head's sorted order (3C per head); the ``n_neighbors`` nearest candidates in ``z`` are
+    kept. Cost O(cells x heads x C), memory O(block x heads x C): no global kNN search.
+    """
+    import scipy.sparse as sp
+
+    n = z.shape[0]
+    candidates = []
+    for order in orders:
+        chunks = chunk_index(order, chunk_size)
+        ids = np.arange(len(chunks))
+        nxt = np.where(ids[:, None] < len(chunks) - 1, chunks[np.minimum(ids + 1, len(chunks) - 1)], -1)
+        window = np.concatenate([with_lookback(chunks, ids), nxt], axis=1)  # (chunks, 3C)
+        rows = np.full((n, window.shape[1]), -1, dtype=np.int64)
+        valid = chunks >= 0
+        rows[chunks[valid]] = np.repeat(window, chunk_size, axis=0)[valid.ravel()]
+        candidates.append(rows)
+    cand = np.sort(np.concatenate(candidates, axis=1), axis=1)
+    cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1  # drop duplicates found by several heads
+    cand[cand == np.arange(n)[:, None]] = -1  # and the cell itself
+    k = min(n_neighbors, cand.shape[1])
+    nbrs = np.empty((n, k), dtype=np.int64)
+    for s in range(0, n, block):
+        c = cand[s:s + block]
+        d = ((z[np.maximum(c, 0)] - z[s:s + block, None, :]) ** 2).sum(-1)
+        d[c < 0] = np.inf
+        nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
+        picked = np.take_along_axis(c, nearest, axis=1)
+        nbrs[s:s + block] = np.where(np.isfinite(np.take_along_axis(d, nearest, axis=1)), picked, -1)
+    rows = np.repeat(np.arange(n), k)
+    keep = nbrs.ravel() >= 0
+    graph = sp.csr_matrix((np.ones(keep.sum(), np.float32), (rows[keep], nbrs.ravel()[keep])), shape=(n, n))
+    return ((graph + graph.T) > 0).astype(np.float32).tocsr()

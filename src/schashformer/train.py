@@ -62,6 +62,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     kmeans_n_init: int = 20
+    init: str = "kmeans"  # centres from k-means on z (METHOD.md), or "leiden" on the hash-neighbourhood kNN graph
+    graph_neighbors: int = 15
     infer_batch: int = 2048
 
     def bits_for(self, n_cells: int) -> int:
@@ -79,6 +81,8 @@ class TrainConfig:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.attn_heads:
             raise ParameterError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
+        if self.init not in ("kmeans", "leiden"):
+            raise ParameterError(f"init must be 'kmeans' or 'leiden', got {self.init!r}")
         if not 0 <= self.mask_rate < 1 or not 0 <= self.dropout < 1:
             raise ParameterError("mask_rate and dropout must be in [0, 1)")
         if self.tau <= 0 or self.lr <= 0:
@@ -219,12 +223,23 @@ class Stage2:
         self._run(self.cfg.stage2_pretrain_steps, with_kl=False, progress=progress)
 
     def init_centres(self, seed: int) -> np.ndarray:
-        """k-means on the embedding places the cluster centres; returns its labels."""
+        """Place the cluster centres (``cfg.init``: 'kmeans' or 'leiden' on the hash kNN graph); returns the labels."""
         z = self.embed_all()
-        km = KMeans(self.head.centres.shape[0], n_init=self.cfg.kmeans_n_init, random_state=seed).fit(z)
+        k = self.head.centres.shape[0]
+        if self.cfg.init == "leiden":
+            graph = buckets.hash_knn_graph(z, self.orders, self.cfg.chunk_size, self.cfg.graph_neighbors)
+            labels = leiden_with_k(graph, k, seed)
+            if labels.max() + 1 == k:
+                centres = np.stack([z[labels == j].mean(0) for j in range(k)])
+            else:  # Leiden could not hit K exactly: fall back to k-means
+                log.info("Leiden found %d clusters instead of %d; using k-means", labels.max() + 1, k)
+                centres = None
+        if self.cfg.init != "leiden" or centres is None:
+            km = KMeans(k, n_init=self.cfg.kmeans_n_init, random_state=seed).fit(z)
+            labels, centres = km.labels_, km.cluster_centers_
         with torch.no_grad():
-            self.head.centres.copy_(torch.from_numpy(km.cluster_centers_).float())
-        return km.labels_
+            self.head.centres.copy_(torch.from_numpy(centres).float())
+        return labels
 
     def cluster(self, progress: bool = True) -> None:
         """ZINB + KL(P || Q) training with P refreshed every ``update_interval`` steps."""
@@ -298,3 +313,35 @@ class Stage2:
         out = [self.head(torch.from_numpy(z[s:s + self.cfg.infer_batch]).to(self.data.device)).cpu().numpy()
                for s in range(0, len(z), self.cfg.infer_batch)]
         return np.concatenate(out)
+
+
+def leiden_with_k(graph, n_clusters: int, seed: int, max_iter: int = 30) -> np.ndarray:
+    """Leiden (leidenalg, RB modularity) on ``graph`` at the resolution that gives ``n_clusters``, by bisection."""
+    import igraph as ig
+    import leidenalg
+
+    coo = graph.tocoo()
+    upper = coo.row < coo.col
+    g = ig.Graph(n=graph.shape[0], edges=list(zip(coo.row[upper].tolist(), coo.col[upper].tolist())))
+
+    def run(resolution: float) -> np.ndarray:
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
+                                        resolution_parameter=resolution, seed=seed, n_iterations=2)
+        return np.asarray(part.membership)
+
+    lo, hi, resolution = 0.0, None, 1.0
+    best = None
+    for _ in range(max_iter):
+        labels = run(resolution)
+        k = labels.max() + 1
+        if best is None or abs(k - n_clusters) < abs(best.max() + 1 - n_clusters):
+            best = labels
+        if k == n_clusters:
+            break
+        if k < n_clusters:
+            lo = resolution
+            resolution = resolution * 2 if hi is None else (lo + hi) / 2
+        else:
+            hi = resolution
+            resolution = (lo + hi) / 2
+    return best
