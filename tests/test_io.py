@@ -1,6 +1,5 @@
 import gzip
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd

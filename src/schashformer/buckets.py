@@ -11,6 +11,7 @@ Everything is numpy vector code: no Python loop over buckets.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 
 def sort_order(codes: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ def bucket_stats(codes: np.ndarray, labels: np.ndarray | None = None) -> list[di
             "singleton_fraction": float((sizes == 1).sum() / len(codes)),
         }
         if labels is not None:
-            valid = ~pd_isna(labels)
+            valid = ~np.asarray(pd.isna(pd.Series(labels)))
             _, lab = np.unique(np.asarray(labels)[valid].astype(str), return_inverse=True)
             pair = np.zeros((sizes.size, lab.max() + 1))
             np.add.at(pair, (inverse[valid], lab), 1)
@@ -62,12 +63,6 @@ def bucket_stats(codes: np.ndarray, labels: np.ndarray | None = None) -> list[di
             row["purity"] = float(same / total) if total else float("nan")
         stats.append(row)
     return stats
-
-
-def pd_isna(values) -> np.ndarray:
-    import pandas as pd
-
-    return np.asarray(pd.isna(pd.Series(values)))
 
 
 def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_neighbors: int = 15,
