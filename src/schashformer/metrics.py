@@ -1,49 +1,77 @@
-"""Clustering scores against known labels: ARI, NMI, ACC (Hungarian), macro F1, homogeneity, completeness."""
+"""Clustering scores against known labels: ARI, NMI, ACC (Hungarian), macro F1, homogeneity, completeness.
+
+Labels and clusters may be strings or integers; they are compared as strings (an integral float
+such as ``2.0``, which appears when an integer column holds NaN, is written as ``"2"``). Cells whose
+label or cluster is missing (None/NaN) are left out. Predicted clusters are mapped to labels by the
+one-to-one matching that maximises agreement (Hungarian algorithm on the contingency table); with
+more clusters than labels the unmatched clusters count as errors, with fewer the unmatched labels
+get no cells.
+"""
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
 
-from .errors import ParameterError
+from .errors import InputError, ParameterError
+
+_UNMATCHED = "\0unmatched"
+
+
+def _as_str(value) -> str:
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _prepare(y_true, y_pred) -> tuple[np.ndarray, np.ndarray, int]:
-    y_true, y_pred = pd.Series(np.asarray(y_true, dtype=object)), pd.Series(np.asarray(y_pred, dtype=object))
-    if len(y_true) != len(y_pred):
-        raise ParameterError(f"labels and clusters differ in length: {len(y_true)} vs {len(y_pred)}")
-    keep = ~(y_true.isna() | y_pred.isna())
-    return y_true[keep].astype(str).to_numpy(), y_pred[keep].astype(str).to_numpy(), int((~keep).sum())
+    """Both label vectors as strings with missing entries removed, and how many were removed."""
+    t = pd.Series(np.asarray(y_true, dtype=object).ravel())
+    p = pd.Series(np.asarray(y_pred, dtype=object).ravel())
+    if len(t) != len(p):
+        raise ParameterError(f"labels and clusters differ in length: {len(t)} vs {len(p)}")
+    keep = ~(t.isna() | p.isna()).to_numpy()
+    if not keep.any():
+        raise InputError(f"no cell has both a label and a cluster (all {len(t)} missing)")
+    t = np.array([_as_str(v) for v in t[keep]], dtype=object)
+    p = np.array([_as_str(v) for v in p[keep]], dtype=object)
+    return t, p, int((~keep).sum())
 
 
 def _matching(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Contingency table (labels x clusters) and the Hungarian cluster -> label map."""
+    """Labels, contingency table (labels x clusters) and the Hungarian cluster -> label map."""
     labels, ti = np.unique(t, return_inverse=True)
     clusters, pi = np.unique(p, return_inverse=True)
     table = np.zeros((labels.size, clusters.size), dtype=np.int64)
     np.add.at(table, (ti, pi), 1)
-    rows, cols = linear_sum_assignment(-table)
+    rows, cols = linear_sum_assignment(table, maximize=True)
     return labels, table, {clusters[c]: labels[r] for r, c in zip(rows, cols)}
+
+
+def _mapped(p: np.ndarray, mapping: dict) -> np.ndarray:
+    return np.array([mapping.get(c, _UNMATCHED) for c in p], dtype=object)
 
 
 def cluster_accuracy(y_true, y_pred) -> float:
     """Fraction of cells whose cluster maps to their label under the best one-to-one matching."""
     t, p, _ = _prepare(y_true, y_pred)
-    _, table, _ = _matching(t, p)
-    rows, cols = linear_sum_assignment(-table)
-    return float(table[rows, cols].sum() / max(len(t), 1))
+    _, _, mapping = _matching(t, p)
+    return float((_mapped(p, mapping) == t).mean())
 
 
 def clustering_scores(y_true, y_pred) -> dict:
     """ARI, NMI, ACC, macro F1 (over true labels, after matching), homogeneity, completeness.
 
-    Cells whose label or cluster is missing are excluded and counted in ``n_unlabeled``.
+    Also ``n_clusters`` and ``n_labels`` (among scored cells) and ``n_unlabeled``: cells left out
+    because their label or cluster is missing.
     """
     t, p, n_missing = _prepare(y_true, y_pred)
     labels, _, mapping = _matching(t, p)
-    mapped = np.array([mapping.get(c, "\0unmatched") for c in p], dtype=object)
+    mapped = _mapped(p, mapping)
     return {
         "ari": float(skm.adjusted_rand_score(t, p)),
         "nmi": float(skm.normalized_mutual_info_score(t, p)),
@@ -58,11 +86,13 @@ def clustering_scores(y_true, y_pred) -> dict:
 
 
 def per_label_scores(y_true, y_pred) -> pd.DataFrame:
-    """Per true label: cells, fraction, matched cluster, precision, recall and F1."""
+    """Per true label (index, as strings): n_cells, fraction, matched_cluster ("" if none), precision, recall, f1."""
     t, p, _ = _prepare(y_true, y_pred)
     labels, _, mapping = _matching(t, p)
     inverse = {lab: c for c, lab in mapping.items()}
-    mapped = np.array([mapping.get(c, "\0unmatched") for c in p], dtype=object)
-    prec, rec, f1, n = skm.precision_recall_fscore_support(t, mapped, labels=labels, zero_division=0)
-    return pd.DataFrame({"n_cells": n, "fraction": n / len(t), "matched_cluster": [inverse.get(l, "") for l in labels],
-                         "precision": prec, "recall": rec, "f1": f1}, index=pd.Index(labels, name="label"))
+    prec, rec, f1, n = skm.precision_recall_fscore_support(t, _mapped(p, mapping), labels=labels, zero_division=0)
+    return pd.DataFrame(
+        {"n_cells": n, "fraction": n / len(t), "matched_cluster": [inverse.get(lab, "") for lab in labels],
+         "precision": prec, "recall": rec, "f1": f1},
+        index=pd.Index(labels, name="label"),
+    )
