@@ -1,22 +1,41 @@
 """Readers and writers.
 
-:func:`read` returns an AnnData with raw counts as CSR float32 (cells x genes) from:
+:func:`read` returns an AnnData with raw counts in ``.X`` as a
+``scipy.sparse.csr_matrix`` of float32 (cells x genes) and unique string
+``obs_names`` / ``var_names``, from any of these formats:
 
 ========== ==================================================================
 format     what
 ========== ==================================================================
-h5ad       AnnData file
-xy_h5      HDF5 with dataset ``X`` (cells x genes) and optional ``Y`` (labels
-           -> ``obs["label"]``), the layout of deep-clustering benchmarks
-10x_h5     10x Genomics CellRanger HDF5 (v3 ``matrix`` group, or v2 genome group)
-mtx        Matrix Market directory or file: ``matrix.mtx(.gz)`` (genes x cells)
-           with ``barcodes.tsv(.gz)`` and ``features.tsv(.gz)``/``genes.tsv(.gz)``
-csv / tsv  dense table (.gz allowed), first column = row names; rows are cells
-           unless ``transpose=True`` (rows are genes)
+h5ad       AnnData file (``.h5ad``, or a ``.h5`` that holds an AnnData)
+xy_h5      HDF5 with dataset ``X`` (cells x genes) and optional ``Y`` (one
+           integer label per cell -> ``obs["label"]``), the layout used by
+           deep-clustering benchmarks (``/work/shared/data/*.h5``)
+10x_h5     10x Genomics CellRanger HDF5: v3 (group ``matrix`` with
+           ``features/name``, ``features/id``) or v2 (one group per genome
+           with ``genes`` / ``gene_names``)
+mtx        Matrix Market directory, or the ``.mtx(.gz)`` file inside it:
+           ``matrix.mtx(.gz)`` (genes x cells, as 10x writes it) with
+           ``barcodes.tsv(.gz)`` and ``features.tsv(.gz)`` or ``genes.tsv(.gz)``;
+           a common file-name prefix (``GSM1_matrix.mtx.gz``...) is allowed
+csv / tsv  dense table (``.csv``, ``.tsv``, ``.txt``, optionally ``.gz``); the
+           first column holds row names and the header column names. Rows are
+           cells and columns genes; pass ``transpose=True`` when rows are genes
 ========== ==================================================================
 
-The format is guessed from the extension and, for ``.h5``, from the HDF5 keys.
-Writers are atomic: a temporary file in the same directory, then a rename.
+The format is guessed from the extension and, for ``.h5`` files (or files with
+an unknown extension that start with the HDF5 signature), from the HDF5 keys.
+``format=`` overrides the guess.
+
+Only problems that make the matrix unusable as counts are rejected here
+(missing or unreadable files, missing datasets, mismatched shapes, empty
+matrices, NaN/inf or negative values); each raises :class:`InputError` with one
+line naming the file. Checking that values are integers is left to
+preprocessing.
+
+Writers (:func:`write_h5ad`, :func:`write_text_atomic`) are atomic: they write
+a hidden temporary file next to the target and then rename it, and refuse to
+replace an existing file unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -24,51 +43,105 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zlib
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputExistsError, ParameterError
+
+__all__ = ["FORMATS", "read", "write_h5ad", "write_text_atomic", "file_md5", "bundled_pbmc_path",
+           "read_bundled_pbmc"]
 
 FORMATS = ("h5ad", "xy_h5", "10x_h5", "mtx", "csv", "tsv")
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_BLOCK_ELEMENTS = 1 << 24  # dense values converted to sparse per block (64 MiB of float32)
+_TABLE_ROWS = 2000  # rows of a csv/tsv parsed per chunk
+# errors that mean "this file is not what its format says"; anything else is a bug and propagates
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, EOFError, IndexError, zlib.error)
 
+
+# ----------------------------------------------------------------------------- public reader
 def read(path: str | Path, *, format: str | None = None, labels_key: str | None = None,
-         transpose: bool = False) -> ad.AnnData:
-    """Read a count matrix into AnnData (CSR float32 counts, unique names).
+         transpose: bool | None = None, var_names_col: str | None = None) -> ad.AnnData:
+    """Read a count matrix into AnnData.
 
     Parameters
     ----------
-    path : file or (for mtx) directory.
-    format : one of ``FORMATS``; guessed when None.
-    labels_key : ``obs`` column for the labels of an xy_h5 file (default ``"label"``).
-    transpose : csv/tsv only: rows are genes and columns cells.
+    path
+        File to read, or (for ``mtx``) the directory holding ``matrix.mtx(.gz)``.
+    format
+        One of :data:`FORMATS` (``"h5ad"``, ``"xy_h5"``, ``"10x_h5"``, ``"mtx"``,
+        ``"csv"``, ``"tsv"``). ``None`` guesses from the extension and, for HDF5
+        files, from the keys inside.
+    labels_key
+        ``xy_h5`` only: the ``obs`` column that receives the labels of dataset
+        ``Y`` (default ``"label"``). Labels are categorical strings of the integer
+        value (``"3"``, not ``"3.0"``).
+    transpose
+        ``csv`` / ``tsv`` only. ``None`` or ``False`` (default): rows are cells
+        and columns are genes. ``True``: rows are genes and columns are cells
+        (the layout of many published count tables).
+    var_names_col
+        Name of a ``var`` column to use as gene names instead of the default,
+        e.g. ``"gene_ids"`` for Ensembl ids of 10x data (whose default names are
+        gene symbols).
+
+    Returns
+    -------
+    anndata.AnnData
+        Cells x genes; ``.X`` is a ``scipy.sparse.csr_matrix`` of float32 raw
+        counts. Duplicated cell or gene names are made unique with a warning.
+
+    Raises
+    ------
+    InputError
+        The path does not exist, cannot be read in the chosen format, lacks the
+        expected datasets or files, has inconsistent shapes, is empty, or holds
+        NaN/inf or negative values.
+    ParameterError
+        ``format`` is not one of :data:`FORMATS`, or ``transpose=True`` is given
+        for a format other than csv/tsv.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    fmt = format or _guess_format(path)
-    if fmt not in FORMATS:
-        raise InputError(f"{path}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    readers = {"h5ad": _read_h5ad, "xy_h5": _read_xy_h5, "10x_h5": _read_10x_h5, "mtx": _read_mtx,
-               "csv": _read_table, "tsv": _read_table}
+    fmt = _check_format(format) if format is not None else _guess_format(path)
+    if transpose and fmt not in ("csv", "tsv"):
+        raise ParameterError(f"transpose=True applies to csv/tsv tables only, not to {fmt} ({path})")
+    if fmt == "mtx" and not path.is_dir() and not path.is_file():
+        raise InputError(f"{path}: not a file or directory")
+    if fmt != "mtx" and path.is_dir():
+        raise InputError(f"{path}: is a directory; only the mtx format reads a directory")
     try:
-        if fmt == "xy_h5":
-            adata = _read_xy_h5(path, labels_key or "label")
-        elif fmt in ("csv", "tsv"):
-            adata = _read_table(path, "," if fmt == "csv" else "\t", transpose)
-        else:
-            adata = readers[fmt](path)
+        with warnings.catch_warnings():
+            # anndata warns about duplicated names when building the object; _finalise reports them once
+            warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+            adata = _READERS[fmt](path, labels_key=labels_key or "label", transpose=bool(transpose))
     except InputError:
         raise
-    except (OSError, KeyError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read as {fmt} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    return _finalise(adata, path)
+    except _READ_ERRORS as exc:  # never let a deep h5py/pandas traceback out
+        raise InputError(f"{path}: cannot be read as {fmt}: {_one_line(exc)}") from None
+    return _finalise(adata, path, var_names_col)
+
+
+# ----------------------------------------------------------------------------- format guessing
+def _check_format(fmt: str) -> str:
+    key = str(fmt).lower().replace("-", "_")
+    aliases = {"10x": "10x_h5", "10x_mtx": "mtx", "txt": "tsv", "anndata": "h5ad"}
+    key = aliases.get(key, key)
+    if key not in FORMATS:
+        raise ParameterError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return key
 
 
 def _guess_format(path: Path) -> str:
@@ -81,164 +154,421 @@ def _guess_format(path: Path) -> str:
         return "csv"
     if name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")):
         return "tsv"
-    if name.endswith((".h5", ".hdf5")):
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as f:
-                keys = set(f.keys())
-        except OSError:
-            raise InputError(f"{path}: not a readable HDF5 file (truncated or another format)") from None
-        if "X" in keys and ({"obs", "var"} & keys):
-            return "h5ad"
-        if "X" in keys:
-            return "xy_h5"
-        if "matrix" in keys or any(k not in ("X", "Y") for k in keys):
-            return "10x_h5"
-        raise InputError(f"{path}: HDF5 file has no dataset 'X' or 10x 'matrix' group (found: {sorted(keys)})")
-    raise InputError(f"{path}: cannot tell the format from the extension; pass format= (--format), one of {', '.join(FORMATS)}")
+    if name.endswith((".h5", ".hdf5", ".he5")) or _has_hdf5_signature(path):
+        return _sniff_hdf5(path)
+    raise InputError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+                     f"pass format= (--format), one of {', '.join(FORMATS)}")
 
 
+def _has_hdf5_signature(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def _sniff_hdf5(path: Path) -> str:
+    """Tell h5ad, 10x_h5 and xy_h5 apart by the keys of an HDF5 file."""
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+            encoding = f.attrs.get("encoding-type", b"")
+            groups_10x = [k for k in keys if isinstance(f[k], h5py.Group) and {"barcodes", "data"} <= set(f[k].keys())]
+    except OSError:
+        raise InputError(f"{path}: not a readable HDF5 file (truncated, or another format with an HDF5 name)") from None
+    encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+    if encoding == "anndata" or {"X", "obs", "var"} <= set(keys):
+        return "h5ad"
+    if "matrix" in keys or groups_10x:
+        return "10x_h5"
+    if "X" in keys:
+        return "xy_h5"
+    raise InputError(f"{path}: HDF5 file has neither dataset 'X' (xy_h5), a 10x 'matrix' group (10x_h5) "
+                     f"nor AnnData groups (h5ad); found: {keys}")
+
+
+# ----------------------------------------------------------------------------- one reader per format
 def _read_h5ad(path: Path) -> ad.AnnData:
-    return ad.read_h5ad(path)
+    adata = ad.read_h5ad(path)
+    if adata.X is None:
+        raise InputError(f"{path}: AnnData file has no X matrix (layers: {sorted(adata.layers.keys())}); "
+                         "store raw counts in X")
+    return adata
 
 
 def _read_xy_h5(path: Path, labels_key: str) -> ad.AnnData:
-    import h5py
-
     with h5py.File(path, "r") as f:
-        if "X" not in f:
-            raise InputError(f"{path}: HDF5 file has no dataset 'X' (found: {sorted(f.keys())})")
-        x = f["X"][()]
+        found = sorted(f.keys())
+        if "X" not in f or not isinstance(f["X"], h5py.Dataset):
+            raise InputError(f"{path}: HDF5 file has no dataset 'X' (found: {found})")
+        x = f["X"]
+        if x.ndim != 2:
+            raise InputError(f"{path}: dataset 'X' has shape {x.shape}; expected 2-D cells x genes")
+        counts = _dense_to_csr(x)  # block by block, never the whole dense matrix in memory
         y = f["Y"][()] if "Y" in f else None
-    if x.ndim != 2:
-        raise InputError(f"{path}: dataset 'X' has shape {x.shape}; expected cells x genes")
-    adata = ad.AnnData(sp.csr_matrix(x, dtype=np.float32))
-    adata.obs_names = [f"cell{i}" for i in range(x.shape[0])]
-    adata.var_names = [f"gene{j}" for j in range(x.shape[1])]
+    adata = ad.AnnData(counts)
+    adata.obs_names = [f"cell{i}" for i in range(counts.shape[0])]
+    adata.var_names = [f"gene{j}" for j in range(counts.shape[1])]
     if y is not None:
-        y = np.asarray(y).ravel()
-        if y.shape[0] != x.shape[0]:
-            raise InputError(f"{path}: dataset 'Y' has {y.shape[0]} labels for {x.shape[0]} cells")
-        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        y = y.astype(str) if y.dtype.kind != "S" else np.char.decode(y)
-        adata.obs[labels_key] = pd.Categorical(y)
+        labels = _labels_as_str(np.asarray(y).ravel())
+        if labels.shape[0] != counts.shape[0]:
+            raise InputError(f"{path}: dataset 'Y' has {labels.shape[0]} labels for {counts.shape[0]} cells in 'X'")
+        adata.obs[labels_key] = pd.Categorical(labels)
     return adata
+
+
+def _labels_as_str(y: np.ndarray) -> np.ndarray:
+    """Labels as strings; integral floats print as integers ("3", not "3.0")."""
+    if y.dtype.kind == "S":
+        return np.char.decode(y, "utf-8")
+    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    if y.dtype.kind == "O":
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in y])
+    return y.astype(str)
 
 
 def _read_10x_h5(path: Path) -> ad.AnnData:
-    import h5py
-
     with h5py.File(path, "r") as f:
-        group = f["matrix"] if "matrix" in f else f[next(iter(f.keys()))]
-        shape = tuple(group["shape"][()])
-        m = sp.csc_matrix((group["data"][()], group["indices"][()], group["indptr"][()]), shape=shape)
-        barcodes = _decode(group["barcodes"][()])
-        if "features" in group:
-            names = _decode(group["features"]["name"][()])
-            ids = _decode(group["features"]["id"][()])
-        else:
-            names = _decode(group["gene_names"][()])
-            ids = _decode(group["genes"][()])
-    adata = ad.AnnData(sp.csr_matrix(m.T, dtype=np.float32))
-    adata.obs_names, adata.var_names = barcodes, names
-    adata.var["gene_ids"] = ids
+        if "matrix" in f:  # CellRanger v3+
+            groups = [f["matrix"]]
+        else:  # CellRanger v2: one group per genome
+            groups = [f[k] for k in f if isinstance(f[k], h5py.Group) and "barcodes" in f[k]]
+        if not groups:
+            raise InputError(f"{path}: no 10x 'matrix' group or genome group with 'barcodes' (found: {sorted(f.keys())})")
+        parts = [_read_10x_group(path, g) for g in groups]
+    barcodes = parts[0][1]
+    for g, (_, other, _) in zip(groups[1:], parts[1:]):
+        if other != barcodes:
+            raise InputError(f"{path}: genome groups {groups[0].name!r} and {g.name!r} have different barcodes")
+    counts = parts[0][0] if len(parts) == 1 else sp.hstack([p[0] for p in parts], format="csr")
+    var = pd.concat([p[2] for p in parts])
+    counts, var = _gene_expression_only(counts, var)
+    adata = ad.AnnData(counts, var=var.set_index(var["gene_symbols"].to_numpy()))
+    adata.obs_names = barcodes
     return adata
 
 
-def _decode(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _read_10x_group(path: Path, group: h5py.Group) -> tuple[sp.csr_matrix, list[str], pd.DataFrame]:
+    """One 10x matrix group -> (cells x genes CSR, barcodes, var table)."""
+    missing = [k for k in ("data", "indices", "indptr", "shape", "barcodes") if k not in group]
+    if "features" in group:
+        names, ids = group["features"].get("name"), group["features"].get("id")
+        types = group["features"].get("feature_type")
+        missing += [f"features/{k}" for k, v in (("name", names), ("id", ids)) if v is None]
+    else:
+        names, ids, types = group.get("gene_names"), group.get("genes"), None
+        missing += [k for k, v in (("gene_names", names), ("genes", ids)) if v is None]
+    if missing:
+        raise InputError(f"{path}: 10x group {group.name!r} lacks {missing} (found: {sorted(group.keys())})")
+    n_genes, n_cells = (int(v) for v in group["shape"][()][:2])
+    barcodes, names, ids = _decode(group["barcodes"][()]), _decode(names[()]), _decode(ids[()])
+    indptr = group["indptr"][()]
+    if len(barcodes) != n_cells or len(names) != n_genes or len(ids) != n_genes or len(indptr) != n_cells + 1:
+        raise InputError(f"{path}: 10x group {group.name!r} has shape {n_genes} genes x {n_cells} cells but "
+                         f"{len(barcodes)} barcodes, {len(names)} gene names, {len(ids)} gene ids and "
+                         f"{len(indptr)} indptr entries")
+    # 10x stores genes x cells in CSC, whose transpose is cells x genes in CSR (no data copy)
+    counts = sp.csr_matrix((group["data"][()], group["indices"][()], indptr), shape=(n_cells, n_genes))
+    var = pd.DataFrame({"gene_ids": ids, "gene_symbols": names})
+    if types is not None:
+        var["feature_types"] = _decode(types[()])
+    return counts, barcodes, var
+
+
+def _gene_expression_only(counts: sp.csr_matrix, var: pd.DataFrame) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """Drop antibody/CRISPR features when gene-expression features are present (as scanpy does)."""
+    if "feature_types" not in var:
+        return counts, var
+    keep = (var["feature_types"] == "Gene Expression").to_numpy()
+    if keep.all() or not keep.any():
+        return counts, var
+    return counts[:, np.flatnonzero(keep)], var.iloc[keep]
+
+
+def _decode(values: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).ravel()]
 
 
 def _read_mtx(path: Path) -> ad.AnnData:
-    folder = path if path.is_dir() else path.parent
-    matrix = path if path.is_file() else _first(folder, ("matrix.mtx.gz", "matrix.mtx"), "matrix.mtx(.gz)")
-    barcodes = _first(folder, ("barcodes.tsv.gz", "barcodes.tsv"), "barcodes.tsv(.gz)")
-    features = _first(folder, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"), "features.tsv(.gz) or genes.tsv(.gz)")
-    m = sp.csr_matrix(scipy.io.mmread(matrix).T, dtype=np.float32)  # 10x stores genes x cells
-    cells = pd.read_csv(barcodes, header=None, sep="\t")[0].astype(str)
-    feats = pd.read_csv(features, header=None, sep="\t")
-    names = feats[1 if feats.shape[1] > 1 else 0].astype(str)
-    if m.shape != (len(cells), len(names)):
-        raise InputError(f"{matrix}: matrix is {m.shape[1]} genes x {m.shape[0]} cells but {barcodes.name} has "
-                         f"{len(cells)} and {features.name} has {len(names)} rows")
-    adata = ad.AnnData(m)
-    adata.obs_names, adata.var_names = cells.to_numpy(), names.to_numpy()
-    adata.var["gene_ids"] = feats[0].astype(str).to_numpy()
+    if path.is_dir():
+        folder = path
+        candidates = sorted(p for p in folder.iterdir() if p.name.endswith(("matrix.mtx", "matrix.mtx.gz")))
+        if not candidates:
+            raise InputError(f"{folder}: Matrix Market directory has no matrix.mtx(.gz) "
+                             f"(found: {sorted(p.name for p in folder.iterdir())[:10]})")
+        if len(candidates) > 1:
+            raise InputError(f"{folder}: several matrices ({', '.join(p.name for p in candidates)}); "
+                             "pass the path of one .mtx file")
+        matrix = candidates[0]
+    else:
+        folder, matrix = path.parent, path
+    prefix = matrix.name[: matrix.name.lower().rfind("matrix.mtx")] if "matrix.mtx" in matrix.name.lower() else ""
+    barcodes = _first(folder, prefix, ("barcodes.tsv.gz", "barcodes.tsv"), "barcodes.tsv(.gz)")
+    features = _first(folder, prefix, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"),
+                      "features.tsv(.gz) or genes.tsv(.gz)")
+    cells = _read_names(barcodes)[0].tolist()
+    feats = _read_names(features)
+    ids = feats[0].tolist()
+    names = feats[1 if feats.shape[1] > 1 else 0].tolist()
+    m = sp.csr_matrix(scipy.io.mmread(matrix))
+    if m.shape == (len(names), len(cells)):  # 10x layout: genes x cells
+        counts = m.T.tocsr()
+    elif m.shape == (len(cells), len(names)):  # already cells x genes
+        counts = m
+    else:
+        raise InputError(f"{matrix}: matrix is {m.shape[0]} x {m.shape[1]} but {barcodes.name} lists "
+                         f"{len(cells)} cells and {features.name} {len(names)} genes")
+    var = pd.DataFrame({"gene_ids": ids, "gene_symbols": names})
+    if feats.shape[1] > 2:
+        var["feature_types"] = feats[2].tolist()
+    counts, var = _gene_expression_only(counts, var)
+    adata = ad.AnnData(counts, var=var.set_index(var["gene_symbols"].to_numpy()))
+    adata.obs_names = cells
     return adata
 
 
-def _first(folder: Path, names: tuple[str, ...], what: str) -> Path:
+def _first(folder: Path, prefix: str, names: tuple[str, ...], what: str) -> Path:
     for name in names:
-        if (folder / name).exists():
-            return folder / name
-    raise InputError(f"{folder}: Matrix Market directory has no {what}")
+        for candidate in (folder / (prefix + name), folder / name):
+            if candidate.is_file():
+                return candidate
+    raise InputError(f"{folder}: Matrix Market directory has no {prefix}{what}")
+
+
+def _read_names(path: Path) -> pd.DataFrame:
+    """A headerless tsv of names, kept as strings ("NA", "1" stay names)."""
+    try:
+        return pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: file is empty") from None
 
 
 def _read_table(path: Path, sep: str, transpose: bool) -> ad.AnnData:
-    df = pd.read_csv(path, sep=sep, index_col=0)
+    """Dense table read in row chunks, so only one chunk is dense at a time."""
+    blocks, row_names, columns = [], [], None
+    with pd.read_csv(path, sep=sep, index_col=0, chunksize=_TABLE_ROWS) as reader:
+        for chunk in reader:
+            columns = chunk.columns if columns is None else columns
+            try:
+                values = chunk.to_numpy(dtype=np.float32)
+            except (ValueError, TypeError):
+                raise InputError(f"{path}: table has non-numeric values in column {_non_numeric_column(chunk)!r} "
+                                 "(expected row names in the first column, column names in the header)") from None
+            blocks.append(sp.csr_matrix(values))
+            row_names.extend(chunk.index.astype(str))
+    if columns is None:
+        raise InputError(f"{path}: table has no rows")
+    counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(columns)), dtype=np.float32)
+    col_names = columns.astype(str).tolist()
     if transpose:
-        df = df.T
-    values = df.to_numpy()
-    if values.dtype.kind not in "iuf":
-        try:
-            values = values.astype(np.float64)
-        except ValueError:
-            raise InputError(f"{path}: table has non-numeric values (e.g. in column {df.columns[0]!r})") from None
-    adata = ad.AnnData(sp.csr_matrix(values, dtype=np.float32))
-    adata.obs_names = df.index.astype(str).to_numpy()
-    adata.var_names = df.columns.astype(str).to_numpy()
+        counts, row_names, col_names = counts.T.tocsr(), col_names, row_names
+    adata = ad.AnnData(counts)
+    adata.obs_names, adata.var_names = row_names, col_names
     return adata
 
 
-def _finalise(adata: ad.AnnData, path: Path) -> ad.AnnData:
+def _non_numeric_column(chunk: pd.DataFrame) -> str:
+    for col in chunk.columns:
+        s = chunk[col]
+        if (pd.to_numeric(s, errors="coerce").isna() & s.notna()).any():
+            return str(col)
+    return str(chunk.columns[0])
+
+
+_READERS: dict[str, Callable[..., ad.AnnData]] = {
+    "h5ad": lambda path, **_: _read_h5ad(path),
+    "xy_h5": lambda path, labels_key, **_: _read_xy_h5(path, labels_key),
+    "10x_h5": lambda path, **_: _read_10x_h5(path),
+    "mtx": lambda path, **_: _read_mtx(path),
+    "csv": lambda path, transpose, **_: _read_table(path, ",", transpose),
+    "tsv": lambda path, transpose, **_: _read_table(path, "\t", transpose),
+}
+
+
+# ----------------------------------------------------------------------------- validation
+def _dense_to_csr(x: Any) -> sp.csr_matrix:
+    """Dense 2-D array (numpy or h5py dataset) -> CSR float32, converting blocks of rows."""
+    n_rows, n_cols = x.shape
+    step = max(1, _BLOCK_ELEMENTS // max(n_cols, 1))
+    blocks = [sp.csr_matrix(np.asarray(x[i:i + step]), dtype=np.float32) for i in range(0, n_rows, step)]
+    if not blocks:
+        return sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
+    return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+
+
+def _as_csr_float32(x: Any) -> sp.csr_matrix:
+    if sp.issparse(x):
+        return sp.csr_matrix(x, dtype=np.float32)  # no copy when already CSR float32
+    return _dense_to_csr(np.asarray(x))
+
+
+def _finalise(adata: ad.AnnData, path: Path, var_names_col: str | None) -> ad.AnnData:
+    """Common checks: CSR float32, not empty, finite non-negative values, unique string names."""
+    adata.X = _as_csr_float32(adata.X)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{path}: the matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
-    x = adata.X
-    x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else sp.csr_matrix(np.asarray(x), dtype=np.float32)
-    data = x.data
-    n_bad = int(np.count_nonzero(~np.isfinite(data)))
-    if n_bad:
-        raise InputError(f"{path}: the matrix has {n_bad} NaN/inf values; expected raw counts")
-    if data.size and data.min() < 0:
-        raise InputError(f"{path}: the matrix has {int((data < 0).sum())} negative values; expected raw counts")
-    adata.X = x
-    for axis, names in (("cell", adata.obs_names), ("gene", adata.var_names)):
+    data = adata.X.data
+    n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+    if n_nan or n_inf:
+        raise InputError(f"{path}: the matrix has {n_nan} NaN and {n_inf} infinite values; expected raw counts")
+    n_neg = int((data < 0).sum())
+    if n_neg:
+        raise InputError(f"{path}: the matrix has {n_neg} negative values (min {data.min():g}); expected raw counts")
+    if var_names_col is not None:
+        if var_names_col not in adata.var.columns:
+            raise InputError(f"{path}: var_names_col {var_names_col!r} is not a var column "
+                             f"(available: {list(adata.var.columns)})")
+        adata.var_names = adata.var[var_names_col].astype(str).to_numpy()
+    adata.obs_names = adata.obs_names.astype(str)
+    adata.var_names = adata.var_names.astype(str)
+    for axis, names, make_unique in (("cell", adata.obs_names, adata.obs_names_make_unique),
+                                     ("gene", adata.var_names, adata.var_names_make_unique)):
         if not names.is_unique:
-            warnings.warn(f"{path}: {int(names.duplicated().sum())} duplicated {axis} names were made unique", stacklevel=3)
-    adata.obs_names_make_unique()
-    adata.var_names_make_unique()
+            dup = names[names.duplicated()]
+            warnings.warn(f"{path}: {len(dup)} duplicated {axis} names (e.g. {dup[0]!r}) were made unique "
+                          "by appending -1, -2, ...", UserWarning, stacklevel=3)
+            make_unique()
     return adata
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0][:200] if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- writers
-def _atomic(path: Path, overwrite: bool, write) -> Path:
-    path = Path(path)
+def _atomic(path: str | Path, overwrite: bool, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(tmp)`` on a hidden temp file next to ``path``, then rename it onto ``path``."""
+    path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``adata`` to ``path`` atomically; refuse an existing file unless ``overwrite``."""
-    return _atomic(Path(path), overwrite, lambda tmp: adata.write_h5ad(tmp))
+    """Write ``adata`` to an ``.h5ad`` file atomically.
+
+    ``obs``/``var`` columns and ``uns`` entries that anndata cannot store
+    (mixed-type object columns, tuples, paths, arbitrary objects, non-string
+    keys) are written as strings or arrays; ``adata`` itself is not modified.
+
+    Parameters
+    ----------
+    adata
+        The object to write.
+    path
+        Target file; its parent directory is created if needed.
+    overwrite
+        Replace an existing file. Without it an existing ``path`` raises
+        :class:`OutputExistsError`.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+    """
+    safe = _h5ad_safe(adata)
+    return _atomic(path, overwrite, lambda tmp: safe.write_h5ad(tmp))
 
 
 def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` atomically with the same refuse-unless-overwrite rule."""
-    return _atomic(Path(path), overwrite, lambda tmp: tmp.write_text(text))
+    """Write ``text`` (UTF-8) to ``path`` atomically, e.g. a csv or json report.
+
+    Same semantics as :func:`write_h5ad`: refuses an existing file unless
+    ``overwrite=True`` and leaves no temporary file behind on failure.
+    """
+    return _atomic(path, overwrite, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _h5ad_safe(adata: ad.AnnData) -> ad.AnnData:
+    """``adata``, or a shallow variant with obs/var/uns that h5ad can store (arrays are shared, not copied)."""
+    obs, var = _safe_frame(adata.obs), _safe_frame(adata.var)
+    uns = _safe_uns(dict(adata.uns), "uns")
+    if obs is adata.obs and var is adata.var and _same(uns, adata.uns):
+        return adata
+    if adata.is_view:
+        adata = adata.copy()
+    return ad.AnnData(X=adata.X, obs=obs, var=var, uns=uns, obsm=dict(adata.obsm), varm=dict(adata.varm),
+                      obsp=dict(adata.obsp), varp=dict(adata.varp), layers=dict(adata.layers),
+                      raw=adata.raw.to_adata() if adata.raw is not None else None)
+
+
+def _same(new: dict, old: Mapping) -> bool:
+    return new.keys() == old.keys() and all(new[k] is old[k] for k in new)
+
+
+def _safe_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding non-strings become strings (missing values stay missing)."""
+    fixed = {}
+    for col in df.columns:
+        s = df[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            cats = s.cat.categories
+            if cats.dtype == object and not all(isinstance(c, str) for c in cats):
+                fixed[col] = s.astype(str).astype("category")
+        elif s.dtype == object and not all(isinstance(v, str) or _missing(v) for v in s):
+            fixed[col] = s.map(lambda v: v if isinstance(v, str) or _missing(v) else str(v))
+    if not fixed and all(isinstance(c, str) for c in df.columns):
+        return df
+    out = df.assign(**{str(k): v for k, v in fixed.items()}) if fixed else df.copy()
+    out.columns = [str(c) for c in out.columns]
+    return out
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+_UNS_SCALARS = (str, bool, int, float, np.generic, pd.DataFrame, type(None))
+
+
+def _safe_uns(value: Any, where: str) -> Any:
+    """Recursively turn ``uns`` content into types anndata can write."""
+    if isinstance(value, Mapping):
+        out = {str(k): _safe_uns(v, f"{where}[{k!r}]") for k, v in value.items()}
+        same = all(isinstance(k, str) for k in value) and all(out[k] is value[k] for k in value)
+        return value if same and isinstance(value, dict) else out
+    if isinstance(value, _UNS_SCALARS) or sp.issparse(value):
+        return value
+    if isinstance(value, np.ndarray):
+        return value if value.dtype != object else _safe_sequence(list(value.ravel()), where).reshape(value.shape)
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, Mapping) for v in value):
+            return {str(i): _safe_uns(v, f"{where}[{i}]") for i, v in enumerate(value)}
+        return _safe_sequence(list(value), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    warnings.warn(f"{where}: {type(value).__name__} cannot be stored in h5ad; writing its str()", UserWarning,
+                  stacklevel=4)
+    return str(value)
+
+
+def _safe_sequence(values: list, where: str) -> np.ndarray:
+    """A list as a numeric or string array; mixed or ragged content becomes strings."""
+    if not values:
+        return np.asarray([], dtype=float)
+    try:
+        arr = np.asarray(values)
+    except ValueError:  # ragged nested lists
+        arr = None
+    if arr is not None and arr.dtype.kind in "biufcU":
+        return arr
+    return np.asarray(["" if v is None else str(v) for v in values])
+
+
+# ----------------------------------------------------------------------------- misc
 def file_md5(path: str | Path) -> str:
-    """MD5 of a file, read in 1 MiB blocks."""
+    """Hex MD5 of a file, read in 1 MiB blocks (for recording a data checksum)."""
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -247,10 +577,13 @@ def file_md5(path: str | Path) -> str:
 
 
 def bundled_pbmc_path() -> Path:
-    """The bundled 10x PBMC data set (4271 cells x 2000 genes, 8 labeled types, X/Y layout)."""
-    return Path(str(resources.files("schashformer") / "data" / "10X_PBMC_top2000.h5"))
+    """Path of the bundled 10x PBMC data set (4271 cells x 2000 genes, 8 labeled types, xy_h5 layout)."""
+    path = Path(str(resources.files("schashformer") / "data" / "10X_PBMC_top2000.h5"))
+    if not path.is_file():
+        raise InputError(f"{path}: bundled data file is missing; reinstall schashformer")
+    return path
 
 
 def read_bundled_pbmc() -> ad.AnnData:
-    """Read the bundled PBMC data set, labels in ``obs["label"]``."""
+    """Read the bundled PBMC data set; cell-type labels ("1".."8") are in ``obs["label"]``."""
     return read(bundled_pbmc_path(), format="xy_h5")
