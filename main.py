@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         report = run_cluster(adata, n_clusters=int(cfg["n_clusters"]), out=out, labels_key=cfg.get("labels_key"),
                              batch_key=cfg.get("batch_key"), seed=args.seed, params=cfg.get("params") or {},
                              overwrite=args.overwrite, progress=not args.quiet, input_name=str(data),
-                             read_seconds=time.perf_counter() - start)
+                             source={"path": data, "format": cfg.get("format")}, read_seconds=time.perf_counter() - start)
         _print_report(report, out)
         return 0
     except SCHashFormerError as exc:

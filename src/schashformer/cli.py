@@ -1,4 +1,10 @@
-"""Command line: ``schashformer cluster INPUT --n-clusters K --out DIR`` and ``schashformer demo``."""
+"""Command line: ``schashformer cluster INPUT --n-clusters K --out DIR``, ``schashformer rerun RESULT.h5ad
+--out DIR`` and ``schashformer demo``.
+
+Results are written to a hidden staging directory next to ``--out`` and renamed into place
+only when every file is complete; a failed run leaves neither ``--out`` nor the staging
+directory behind.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import OutputExistsError, ParameterError, SCHashFormerError
+from .errors import InputError, OutputError, OutputExistsError, ParameterError, SCHashFormerError
 
+log = logging.getLogger(__name__)
 RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png")
 
 
@@ -27,7 +34,13 @@ def _parse_params(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ParameterError(f"--param expects key=value, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        params[key.strip()] = parsed
     return params
 
 
@@ -42,6 +55,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--format", default=None, help="input format (h5ad, xy_h5, 10x_h5, mtx, csv, tsv); default: guess")
     run.add_argument("--transpose", action="store_true", help="csv/tsv rows are genes, columns cells")
+
+    again = sub.add_parser("rerun", help="re-run the clustering recorded in a result.h5ad; the input must be unchanged")
+    again.add_argument("result", help="result.h5ad written by 'schashformer cluster'")
+    again.add_argument("--out", required=True, help="output directory")
+    again.add_argument("--input", default=None, help="the input file, if it moved (its checksum must still match)")
+    again.add_argument("--device", default=None, help="auto, cpu or cuda (default: the device of the recorded run)")
+    again.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    again.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
+    again.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="cluster the bundled 10x PBMC data set (4271 cells, 8 types) and print scores")
     demo.add_argument("--out", default="schashformer_demo", help="output directory (default: schashformer_demo)")
@@ -64,18 +86,45 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output directory that already holds results unless ``overwrite``."""
+    """Refuse an output directory that already holds results unless ``overwrite``, and one holding other files."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} exists and is not a directory")
-    existing = [name for name in RESULT_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"{out} already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in RESULT_FILES]
+    if foreign:
+        raise OutputExistsError(f"--out {out} holds files that are not scHashFormer results (e.g. {foreign[0]!r}); "
+                                "choose a new or empty directory")
+    if names and not overwrite:
+        raise OutputExistsError(f"{out} already holds results ({', '.join(names)}); pass --overwrite to replace them")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the complete ``staging`` directory to ``out``; old results are swapped out, then deleted."""
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)  # onto a new name or an empty directory
 
 
 def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key=None, layer=None,
                 n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
-                umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0) -> dict:
-    """Cluster ``adata`` and write the result files into ``out`` all at once; returns metrics.json content."""
+                umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
+                reference_labels=None) -> dict:
+    """Cluster ``adata`` and write the result files into ``out`` all at once; returns metrics.json content.
+
+    ``source`` (``path``, ``format``, ``transpose`` of the input file) is added to the run record
+    so that ``schashformer rerun`` can read the input again. With ``reference_labels`` (a
+    recorded run's labels) the report says whether the new labels are identical.
+    """
     from . import tl
 
     check_out_dir(out, overwrite)
@@ -83,17 +132,30 @@ def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key
                           n_top_genes=n_top_genes, seed=seed, device=device, allow_noncounts=allow_noncounts,
                           progress=progress, return_model=True, overwrite=overwrite, **(params or {}))
     record = adata.uns["schashformer"]
+    if source is not None:
+        record["input"] = {"path": str(Path(source["path"]).resolve()), "format": source.get("format") or "",
+                           "transpose": bool(source.get("transpose", False))}
     report = {
         "input": input_name, "n_cells": int(adata.n_obs), "n_genes_input": int(adata.n_vars),
         "n_clusters": int(n_clusters), "seed": seed,
         "metrics": record.get("metrics", {}),
         "timings": {"read": {"seconds": round(read_seconds, 3)}, **model.timings_},
         "bucket_stats": model.bucket_stats_,
+        "data_checksum": record["data_checksum"],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if reference_labels is not None:
+        new, old = (np.asarray(v, dtype=object).astype(str) for v in (adata.obs["schashformer"], reference_labels))
+        report["rerun"] = {"identical_labels": bool(np.array_equal(new, old)),
+                           "n_cells_differing": int((new != old).sum()) if new.shape == old.shape else -1}
+    staging = None
     try:
         from .io import write_h5ad
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; results get the usual permissions
 
         start = time.perf_counter()
         if umap:
@@ -104,12 +166,59 @@ def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_h5ad(adata, staging / "result.h5ad")
         (staging / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
-        out.mkdir(parents=True, exist_ok=True)
-        for f in staging.iterdir():  # every file is complete before any lands in out
-            os.replace(f, out / f.name)
+        check_out_dir(out, overwrite)  # nothing else appeared in out meanwhile
+        _publish(staging, out)
+    except SCHashFormerError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); "
+                          "nothing was left there") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device: str | None = None,
+              overwrite: bool = False, umap: bool = True, progress: bool = True) -> dict:
+    """Re-run the clustering recorded in ``result`` (a result.h5ad) on its input, which must be unchanged."""
+    import anndata as ad
+
+    from . import __version__, io, record
+    from .preprocess import count_matrix
+
+    check_out_dir(out, overwrite)
+    if not result.is_file():
+        raise InputError(f"{result}: no such file")
+    try:
+        old = ad.read_h5ad(result, backed="r")  # X stays on disk
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{result}: cannot be read as h5ad ({type(exc).__name__}: {str(exc)[:120]})") from None
+    try:
+        rec = record.from_uns(old.uns, where=str(result))
+        labels = np.asarray(old.obs["schashformer"]) if "schashformer" in old.obs else None
+    finally:
+        old.file.close()
+    source = {k: record.plain(v) for k, v in dict(rec.get("input") or {}).items()}
+    path = input_path or source.get("path")
+    if not path:
+        raise InputError(f"{result}: the run record has no input path (a Python API run); pass --input FILE")
+    if record.plain(rec.get("version")) != __version__:
+        log.warning("%s was written by scHashFormer %s, this is %s; labels may differ", result, rec.get("version"),
+                    __version__)
+    args = record.rerun_args(rec)
+    adata = io.read(path, format=source.get("format"), transpose=bool(source.get("transpose")))
+    checksum = record.data_checksum(count_matrix(adata, args["layer"]))
+    if checksum != rec["data_checksum"]:
+        raise InputError(f"{path}: the counts differ from those of the recorded run (checksum {checksum[:19]}... now, "
+                         f"{str(rec['data_checksum'])[:19]}... recorded); refusing to re-run on other data")
+    run = {k: args.pop(k) for k in ("n_clusters", "labels_key", "batch_key", "layer", "n_top_genes", "seed",
+                                    "allow_noncounts")}
+    recorded_device = record.plain(rec["params"].get("device_used")) or "auto"
+    return run_cluster(adata, out=out, device=device or recorded_device, params=args, overwrite=overwrite, umap=umap,
+                       progress=progress, input_name=str(path), reference_labels=labels,
+                       source={"path": path, "format": source.get("format"), "transpose": source.get("transpose")},
+                       **run)
 
 
 def _jsonable(obj):
@@ -130,7 +239,8 @@ def _print_report(report: dict, out: Path) -> None:
         print("scores: " + "  ".join(f"{k.upper()} {m[k]:.3f}" for k in ("ari", "nmi", "acc", "f1_macro") if k in m))
     total = sum(v["seconds"] for v in report["timings"].values())
     peak = max(v.get("peak_rss_gib", 0) for v in report["timings"].values())
-    print(f"time {total:.1f} s, peak memory {peak:.2f} GiB; results in {out}/ ({', '.join(RESULT_FILES)})")
+    written = [name for name in RESULT_FILES if (out / name).exists()]
+    print(f"time {total:.1f} s, peak memory {peak:.2f} GiB; results in {out}/ ({', '.join(written)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,19 +251,30 @@ def main(argv: list[str] | None = None) -> int:
 
         out = Path(args.out)
         check_out_dir(out, args.overwrite)  # fail before any work
+        if args.command == "rerun":
+            report = run_rerun(Path(args.result), out=out, input_path=args.input, device=args.device,
+                               overwrite=args.overwrite, umap=not args.no_umap, progress=not args.quiet)
+            same = report.get("rerun", {}).get("identical_labels")
+            print("the recorded result holds no labels to compare" if same is None else
+                  f"labels {'identical to' if same else 'differ from'} the recorded run"
+                  + ("" if same else f" ({report['rerun']['n_cells_differing']} cells)"))
+            _print_report(report, out)
+            return 0
         start = time.perf_counter()
         if args.command == "demo":
             adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
             n_clusters, labels_key = 8, args.labels_key or "label"
+            source = {"path": io.bundled_pbmc_path(), "format": "xy_h5"}
         else:
             adata = io.read(args.input, format=args.format, transpose=args.transpose)
             name, n_clusters, labels_key = args.input, args.n_clusters, args.labels_key
+            source = {"path": args.input, "format": args.format, "transpose": args.transpose}
         print(f"read {name}: {adata.n_obs} cells x {adata.n_vars} genes")
         report = run_cluster(adata, n_clusters=n_clusters, out=out, labels_key=labels_key,
                              batch_key=args.batch_key, layer=args.layer, n_top_genes=args.n_top_genes,
                              seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
                              params=_parse_params(args.param), overwrite=args.overwrite, umap=not args.no_umap,
-                             progress=not args.quiet, input_name=str(name),
+                             progress=not args.quiet, input_name=str(name), source=source,
                              read_seconds=time.perf_counter() - start)
         _print_report(report, out)
         return 0

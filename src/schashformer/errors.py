@@ -22,5 +22,9 @@ class OutputExistsError(SCHashFormerError, FileExistsError):
     """An output location already holds results and overwrite was not requested."""
 
 
+class OutputError(SCHashFormerError, OSError):
+    """Results could not be written (disk full, permission denied, ...); nothing partial is left behind."""
+
+
 class TrainingError(SCHashFormerError, RuntimeError):
     """Training diverged (e.g. a NaN loss)."""

@@ -146,7 +146,11 @@ def _check_format(fmt: str) -> str:
 
 def _guess_format(path: Path) -> str:
     name = path.name.lower()
-    if path.is_dir() or name.endswith((".mtx", ".mtx.gz")):
+    if path.is_dir():
+        if name.endswith((".h5ad", ".h5", ".hdf5", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            raise InputError(f"{path}: is a directory, not a {path.suffix} file")
+        return "mtx"
+    if name.endswith((".mtx", ".mtx.gz")):
         return "mtx"
     if name.endswith(".h5ad"):
         return "h5ad"
@@ -205,6 +209,7 @@ def _read_xy_h5(path: Path, labels_key: str) -> ad.AnnData:
         x = f["X"]
         if x.ndim != 2:
             raise InputError(f"{path}: dataset 'X' has shape {x.shape}; expected 2-D cells x genes")
+        _check_dtype(path, x.dtype)
         counts = _dense_to_csr(x)  # block by block, never the whole dense matrix in memory
         y = f["Y"][()] if "Y" in f else None
     adata = ad.AnnData(counts)
@@ -404,8 +409,14 @@ def _as_csr_float32(x: Any) -> sp.csr_matrix:
     return _dense_to_csr(np.asarray(x))
 
 
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    if np.dtype(dtype).kind not in "biuf":
+        raise InputError(f"{path}: the matrix has dtype {dtype}; expected real numbers (raw counts)")
+
+
 def _finalise(adata: ad.AnnData, path: Path, var_names_col: str | None) -> ad.AnnData:
     """Common checks: CSR float32, not empty, finite non-negative values, unique string names."""
+    _check_dtype(path, adata.X.dtype)
     adata.X = _as_csr_float32(adata.X)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{path}: the matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)")

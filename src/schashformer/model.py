@@ -23,7 +23,8 @@ from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
 from .preprocess import GeneStats, Prepared, prepare
-from .train import Stage2, TrainConfig, hash_cells, resolve_device, sorted_orders, train_indexer
+from .train import Stage2, TrainConfig, hash_cells, sorted_orders, train_indexer
+from .validate import check_adata, check_params, is_int, one_line, resolve
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
@@ -58,9 +59,10 @@ class SCHashFormer:
 
     def __init__(self, n_clusters: int, *, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
                  allow_noncounts: bool = False, progress: bool = True, **params):
-        unknown = set(params) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            raise ParameterError(f"unknown parameter(s) {sorted(unknown)}; see schashformer.train.TrainConfig")
+        check_params(params)
+        for name, value, low in (("seed", seed, 0), ("n_top_genes", n_top_genes, 1)):
+            if not is_int(value) or value < low:
+                raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
         self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
         self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
         self.config = TrainConfig(**params)
@@ -74,16 +76,17 @@ class SCHashFormer:
 
         ``labels_key`` is used only to report bucket purity, never for training.
         """
-        if not isinstance(adata, ad.AnnData):
-            raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+        check_adata(adata)
         for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
             if key is not None and key not in adata.obs:
                 raise InputError(f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
-        if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 2:
+            if key is not None and adata.n_obs and adata.obs[key].isna().all():
+                raise InputError(f"{what} {key!r}: every value is missing")
+        if not is_int(self.n_clusters) or self.n_clusters < 2:
             raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r}")
         if self.n_clusters > adata.n_obs:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
-        cfg, device = self.config, resolve_device(self.device)
+        cfg, device = self.config, resolve(self.device)
         self._seed_everything()
         rng = np.random.default_rng(self.seed)
         self.timings_ = {}
@@ -196,10 +199,22 @@ class SCHashFormer:
             state = torch.load(target, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a corrupt file
             raise InputError(f"{target}: not a readable scHashFormer model ({type(exc).__name__})") from None
+        dev = resolve(device)
+        try:
+            model = cls._from_state(state, device)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise InputError(f"{target}: not a scHashFormer model this version can load ({one_line(exc)})") from None
+        for name in ("indexer", "encoder", "decoder", "head"):
+            getattr(model, name + "_").to(dev).eval()
+        model._fitted = True
+        return model
+
+    @classmethod
+    def _from_state(cls, state: dict, device: str) -> "SCHashFormer":
+        """Rebuild a model (on the CPU) from the dictionary :meth:`save` wrote."""
         init = dict(state["init"])
         model = cls(init.pop("n_clusters"), n_top_genes=init.pop("n_top_genes"), seed=init.pop("seed"),
                     allow_noncounts=init.pop("allow_noncounts"), device=device, progress=False, **init)
-        dev = resolve_device(device)
         cfg, st = model.config, state["stats"]
         model.stats_ = GeneStats(np.asarray(st["genes"]), st["mean"].numpy(), st["std"].numpy(), st["median_library"])
         model.batch_categories_ = state["batch_categories"]
@@ -210,10 +225,7 @@ class SCHashFormer:
         model.decoder_ = ZINBDecoder(cfg.latent, n_genes, cfg.hidden // 2, n_batches)
         model.head_ = ClusterHead(model.n_clusters, cfg.latent)
         for name in ("indexer", "encoder", "decoder", "head"):
-            module = getattr(model, name + "_")
-            module.load_state_dict(state[name])
-            module.to(dev).eval()
-        model._fitted = True
+            getattr(model, name + "_").load_state_dict(state[name])
         return model
 
     # ------------------------------------------------------------------ helpers

@@ -22,6 +22,8 @@ from .errors import InputError, ParameterError
 
 TARGET_SUM = 1e4
 CLIP = 10.0
+MIN_GENE_FRACTION = 0.5  # a trained model refuses input holding fewer of its genes than this
+_MAX_SIZE_FACTOR = 1e30  # keeps float32 size factors finite for absurd libraries
 
 
 @dataclass
@@ -73,12 +75,39 @@ def count_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
     """The (cells x genes) matrix of ``adata`` (or one of its layers) as CSR float32."""
     if layer is not None and layer not in adata.layers:
         raise InputError(f"layer {layer!r} not found; available layers: {list(adata.layers)}")
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         raise InputError("adata.X is empty (None); pass layer= to use a layer of counts")
     if not sp.issparse(x):
-        x = sp.csr_matrix(np.asarray(x))
+        x = np.asarray(x)
+        if x.dtype.kind not in "biufc":
+            try:
+                x = x.astype(np.float32)
+            except (ValueError, TypeError):
+                raise InputError(f"{where} has dtype {x.dtype} with non-numeric values; expected numbers") from None
+        if x.ndim != 2:
+            raise InputError(f"{where} has shape {x.shape}; expected a 2-D cells x genes matrix")
+    if x.dtype.kind == "c":
+        raise InputError(f"{where} has complex dtype {x.dtype}; expected real counts")
+    if x.dtype.kind not in "biuf":
+        raise InputError(f"{where} has dtype {x.dtype}; expected numbers")
     return sp.csr_matrix(x, dtype=np.float32)
+
+
+def check_names(adata: ad.AnnData) -> None:
+    """Reject duplicated gene names (ambiguous for gene selection and for a saved model's genes);
+    warn about duplicated cell names (results are stored by position, so they stay correct)."""
+    genes, cells = adata.var_names, adata.obs_names
+    if not genes.is_unique:
+        dup = genes[genes.duplicated()]
+        raise InputError(f"adata.var_names has {len(dup)} duplicated gene names (e.g. {dup[0]!r}); "
+                         "call adata.var_names_make_unique() first")
+    if not cells.is_unique:
+        dup = cells[cells.duplicated()]
+        warnings.warn(f"adata.obs_names has {len(dup)} duplicated cell names (e.g. {dup[0]!r}); results are "
+                      "stored by position, call adata.obs_names_make_unique() to tell the cells apart",
+                      UserWarning, stacklevel=3)
 
 
 def validate_counts(x: sp.csr_matrix, allow_noncounts: bool = False, where: str = "adata.X") -> None:
@@ -114,18 +143,33 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
     layer : layer holding the counts instead of ``.X``.
     allow_noncounts : accept non-integer (pre-normalised) values.
     stats : gene statistics of a trained model; its genes are selected (missing ones are
-        zero-filled with a warning) and its mean/std reused.
+        zero-filled with a warning; fewer than ``MIN_GENE_FRACTION`` present is an error) and
+        its mean/std reused.
 
     Returns
     -------
     Prepared with cells of zero total counts removed (see ``cell_mask``).
+
+    Raises
+    ------
+    InputError : not an AnnData; duplicated gene names; a non-numeric, empty, non-finite, negative
+        or (unless ``allow_noncounts``) non-integer matrix; no cell or gene with counts; too few
+        of the model's genes. See docs/VALIDATION.md.
+    ParameterError : ``n_top_genes`` is not an integer >= 1.
     """
-    if n_top_genes < 1:
-        raise ParameterError(f"n_top_genes must be >= 1, got {n_top_genes}")
+    if not isinstance(n_top_genes, (int, np.integer)) or isinstance(n_top_genes, bool) or n_top_genes < 1:
+        raise ParameterError(f"n_top_genes must be an integer >= 1, got {n_top_genes!r}")
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+    check_names(adata)
     x = count_matrix(adata, layer)
-    validate_counts(x, allow_noncounts, where="adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    validate_counts(x, allow_noncounts, where=where)
 
     total = np.asarray(x.sum(1)).ravel()
+    if not np.isfinite(total).all():
+        raise InputError(f"{where}: the counts of {int((~np.isfinite(total)).sum())} cells sum beyond the float32 "
+                         f"range (largest value {x.data.max():g}); expected raw counts")
     cell_mask = total > 0
     if not cell_mask.any():
         raise InputError(f"all {x.shape[0]} cells have zero counts; nothing to cluster")
@@ -145,7 +189,7 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
         counts, logn = (_align_genes(m, adata.var_names, stats.genes) for m in (x, logn))
 
     library = np.asarray(counts.sum(1)).ravel()
-    size_factors = np.maximum(library / stats.median_library, 1e-3).astype(np.float32)
+    size_factors = np.clip(library / stats.median_library, 1e-3, _MAX_SIZE_FACTOR).astype(np.float32)
     return Prepared(sp.csr_matrix(counts), sp.csr_matrix(logn), size_factors, stats, cell_mask)
 
 
@@ -176,10 +220,18 @@ def _select_genes(logn: sp.csr_matrix, n_top_genes: int) -> np.ndarray:
     import scanpy as sc
 
     sub = ad.AnnData(logn[:, detected])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hvg = sc.pp.highly_variable_genes(sub, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
-    return detected[np.asarray(hvg["highly_variable"], bool)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hvg = sc.pp.highly_variable_genes(sub, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
+        chosen = detected[np.asarray(hvg["highly_variable"], bool)]
+    except (IndexError, ValueError):  # scanpy fails when no gene has a defined dispersion (e.g. one cell)
+        chosen = detected[:0]
+    if chosen.size == 0:  # fall back to the most variable genes
+        x = sub.X
+        var = np.asarray(x.multiply(x).mean(0)).ravel() - np.asarray(x.mean(0)).ravel() ** 2
+        chosen = np.sort(detected[np.argsort(-var, kind="stable")[:n_top_genes]])
+    return chosen
 
 
 def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp.csr_matrix:
@@ -188,7 +240,11 @@ def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp
     missing = int((pos < 0).sum())
     if missing == len(genes):
         raise InputError(f"none of the model's {len(genes)} genes are in the input's var_names "
-                         f"(e.g. model gene {genes[0]!r}, input gene {var_names[0]!r})")
+                         f"(e.g. model gene {str(genes[0])!r}, input gene {str(var_names[0])!r})")
+    if len(genes) - missing < MIN_GENE_FRACTION * len(genes):
+        example = str(genes[np.flatnonzero(pos < 0)[0]])
+        raise InputError(f"only {len(genes) - missing} of the model's {len(genes)} genes are in the input's "
+                         f"var_names (e.g. {example!r} is missing); at least {MIN_GENE_FRACTION:.0%} are needed")
     if missing:
         warnings.warn(f"{missing} of the model's {len(genes)} genes are missing from the input; "
                       "they are filled with zeros", stacklevel=3)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .errors import InputError, ParameterError
+from . import __version__, record
+from .errors import ParameterError
 from .model import SCHashFormer
+from .preprocess import count_matrix
+from .validate import check_adata, resolve
 
 
 def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None, batch_key: str | None = None,
@@ -32,47 +37,60 @@ def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None
     Writes
     ------
     ``obsm[f"X_{key_added}"]`` (cells, latent) embedding; ``obs[key_added]`` categorical clusters;
-    ``obsm[f"{key_added}_codes"]`` (cells, hash heads) bucket ids; ``uns[key_added]`` with
-    ``params``, ``timings``, ``bucket_stats``, ``version`` and, with labels, ``metrics``.
+    ``obsm[f"{key_added}_codes"]`` (cells, hash heads) bucket ids; ``uns[key_added]``, the run
+    record (:mod:`schashformer.record`): ``version``, ``versions``, ``seed``, ``params`` (every
+    argument above and every TrainConfig field, ``device_used``), ``data_checksum`` (SHA-256 of
+    the clustered count matrix), ``timings``, ``bucket_stats`` and, with labels, ``metrics``.
 
     Returns
     -------
     The AnnData if ``copy``, else None; with ``return_model`` a tuple (that, model).
     """
+    check_adata(adata)
     adata = adata.copy() if copy else adata
     keys = {"obs": key_added, "obsm": f"X_{key_added}", "uns": key_added}
     taken = [f"{where}[{k!r}]" for where, k in keys.items() if k in getattr(adata, where)]
     if taken and not overwrite:
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
-    if labels_key is not None:
-        if labels_key not in adata.obs:
-            raise InputError(f"labels_key {labels_key!r} is not a column of adata.obs "
-                             f"(columns: {list(adata.obs.columns)})")
-        if adata.obs[labels_key].isna().all():
-            raise InputError(f"labels_key {labels_key!r}: every value is missing")
 
     model = SCHashFormer(n_clusters, n_top_genes=n_top_genes, seed=seed, device=device,
                          allow_noncounts=allow_noncounts, progress=progress, **params)
     model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer)
-    write_results(adata, model, key_added=key_added, labels_key=labels_key, batch_key=batch_key)
+    start = time.perf_counter()
+    checksum = record.data_checksum(count_matrix(adata, layer))
+    timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - start, 3)}}
+    write_results(adata, model, key_added=key_added, labels_key=labels_key, batch_key=batch_key, layer=layer,
+                  checksum=checksum, timings=timings)
     out = adata if copy else None
     return (out, model) if return_model else out
 
 
 def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "schashformer",
-                  labels_key: str | None = None, batch_key: str | None = None) -> None:
-    """Store a fitted model's embedding, labels, codes and run record in ``adata``."""
+                  labels_key: str | None = None, batch_key: str | None = None, layer: str | None = None,
+                  checksum: str | None = None, timings: dict | None = None) -> None:
+    """Store a fitted model's embedding, labels, codes and run record in ``adata``.
+
+    ``checksum`` defaults to :func:`schashformer.record.data_checksum` of the counts in ``layer``.
+    """
     labels = pd.Categorical(np.where(model.labels_ >= 0, model.labels_.astype(str), None),
                             categories=[str(k) for k in range(model.n_clusters)])
     adata.obs[key_added] = labels
     adata.obsm[f"X_{key_added}"] = model.embedding_.astype(np.float32)
     adata.obsm[f"{key_added}_codes"] = model.codes_.astype(np.int64)
-    record = {
+    run = {
         "version": __version__,
-        "params": {"n_clusters": int(model.n_clusters), "n_top_genes": model.n_top_genes, "seed": model.seed,
-                   "labels_key": labels_key or "", "batch_key": batch_key or "",
+        "versions": record.versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": int(model.seed),
+        "params": {"n_clusters": int(model.n_clusters), "n_top_genes": int(model.n_top_genes), "seed": int(model.seed),
+                   "labels_key": labels_key or "", "batch_key": batch_key or "", "layer": layer or "",
+                   "allow_noncounts": bool(model.allow_noncounts), "device": str(model.device),
+                   "device_used": str(resolve(model.device)),
                    **{k: ("" if v is None else v) for k, v in model.config.to_dict().items()}},
-        "timings": model.timings_,
+        "data_checksum": checksum or record.data_checksum(count_matrix(adata, layer)),
+        "checksum_of": "X" if layer is None else f"layers[{layer!r}]",
+        "shape": np.asarray(adata.shape, dtype=np.int64),
+        "timings": timings or model.timings_,
         "bucket_stats": pd.DataFrame(model.bucket_stats_).to_dict(orient="list"),
         "n_removed_cells": model.n_removed_cells_,
         "genes": np.asarray(model.stats_.genes, dtype=str),
@@ -80,5 +98,5 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
     if labels_key is not None:
         from .metrics import clustering_scores
 
-        record["metrics"] = clustering_scores(adata.obs[labels_key].to_numpy(), labels.to_numpy())
-    adata.uns[key_added] = record
+        run["metrics"] = clustering_scores(adata.obs[labels_key].to_numpy(), labels.to_numpy())
+    adata.uns[key_added] = run

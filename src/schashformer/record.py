@@ -1,0 +1,87 @@
+"""The run record kept in ``adata.uns["schashformer"]``: enough to re-run a result and check its input.
+
+The record holds the package and library versions, every parameter (including the seed
+and the device used), a SHA-256 checksum of the count matrix that was clustered, timings
+and, for command-line runs, the input file (path, format, orientation). :func:`rerun_args`
+turns a stored record back into the arguments of :func:`schashformer.tl.cluster`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import InputError
+
+_CHUNK = 1 << 22  # elements hashed per update (16-32 MiB)
+# tl.cluster arguments stored in params next to the TrainConfig fields; "" stands for None in h5ad
+RUN_ARGS = ("n_clusters", "n_top_genes", "seed", "labels_key", "batch_key", "layer", "allow_noncounts")
+
+
+def data_checksum(x: sp.csr_matrix) -> str:
+    """``"sha256:<hex>"`` of a CSR matrix's shape, values (float32) and sparsity pattern.
+
+    The matrix is taken in canonical form (sorted indices, no duplicates, no stored zeros),
+    so the same counts read twice, or stored dense and sparse, give the same checksum.
+    """
+    x = sp.csr_matrix(x, dtype=np.float32)
+    if not x.has_canonical_format or (x.data == 0).any():
+        x = x.copy()
+        x.sum_duplicates()
+        x.eliminate_zeros()
+    digest = hashlib.sha256(np.asarray(x.shape, dtype=np.int64).tobytes())
+    for values, dtype in ((x.indptr, np.int64), (x.indices, np.int64), (x.data, np.float32)):
+        for start in range(0, len(values), _CHUNK):
+            digest.update(np.ascontiguousarray(values[start:start + _CHUNK], dtype=dtype).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that decide the numbers."""
+    from . import __version__
+
+    def version(name: str) -> str:
+        try:
+            return str(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    libs = {name: version(name) for name in ("numpy", "scipy", "scanpy", "anndata", "scikit-learn")}
+    return {"schashformer": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "cuda": str(torch.version.cuda or ""), **libs}
+
+
+def plain(value: Any) -> Any:
+    """A value read back from h5ad as a plain Python value; "" (how None is stored) becomes None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, str) and value == "" else value
+
+
+def from_uns(uns: Any, key: str = "schashformer", *, where: str = "adata") -> dict:
+    """The run record under ``uns[key]``, checked to hold what a re-run needs."""
+    record = uns.get(key) if hasattr(uns, "get") else None
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: no scHashFormer run record in uns[{key!r}]")
+    missing = [k for k in ("params", "data_checksum") if k not in record]
+    if missing:
+        raise InputError(f"{where}: the run record uns[{key!r}] lacks {missing} (written by an older version?)")
+    return record
+
+
+def rerun_args(record: dict) -> dict:
+    """Keyword arguments of :func:`schashformer.tl.cluster` that repeat the recorded run."""
+    from .train import TrainConfig
+
+    params = {k: plain(v) for k, v in record["params"].items()}
+    args = {k: params[k] for k in RUN_ARGS if k in params}
+    args["allow_noncounts"] = bool(args.get("allow_noncounts") or False)
+    args.update({k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__})
+    return args

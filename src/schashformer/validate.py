@@ -1,0 +1,63 @@
+"""Checks of arguments at the package boundary: AnnData type, parameter types, device names.
+
+Data checks (counts, names, genes) live in :mod:`schashformer.preprocess` and the file
+checks in :mod:`schashformer.io`; every rejected input is listed in docs/VALIDATION.md.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import torch
+
+from .errors import InputError, ParameterError
+from .train import TrainConfig, resolve_device
+
+
+def is_int(value) -> bool:
+    """An integer that is not a boolean."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_adata(adata) -> None:
+    """Refuse anything that is not an AnnData before its attributes are touched."""
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+
+
+def check_params(params: dict) -> None:
+    """Unknown TrainConfig fields and values of the wrong type are refused before they reach training."""
+    fields = TrainConfig.__dataclass_fields__
+    unknown = set(params) - set(fields)
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {sorted(unknown)}; see schashformer.train.TrainConfig")
+    checks = {"int": is_int, "bool": lambda v: isinstance(v, (bool, np.bool_)), "str": lambda v: isinstance(v, str),
+              "float": lambda v: is_int(v) or isinstance(v, (float, np.floating))}
+    for name, value in params.items():
+        kinds = [k.strip() for k in str(fields[name].type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        known = [checks[k] for k in kinds if k in checks]
+        if known and not any(check(value) for check in known):
+            raise ParameterError(f"parameter {name} must be {' or '.join(kinds)}, got {value!r}")
+    bits = params.get("hash_bits")
+    if bits is not None and not 1 <= bits <= 62:
+        raise ParameterError(f"hash_bits must be in [1, 62] (or None for automatic), got {bits}")
+
+
+def resolve(device) -> torch.device:
+    """:func:`resolve_device` with unknown names and missing GPUs reported as ParameterError."""
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise ParameterError(f"device={device!r} is not a device name; use 'auto', 'cpu' or 'cuda' "
+                             f"({one_line(exc)})") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParameterError(f"device={device!r} was requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    return dev
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a library exception, for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
