@@ -12,13 +12,14 @@ from tests.conftest import FAST, simulate_counts
 @pytest.fixture(scope="module")
 def fitted():
     adata = simulate_counts(n_cells=400, n_genes=200, n_types=3, seed=1)
-    model = SCHashFormer(3, seed=0, progress=False, **FAST).fit(adata, labels_key="label")
+    # Default training: the quality assertion below is about the defaults, not a shortened run.
+    model = SCHashFormer(3, seed=0, progress=False).fit(adata, labels_key="label")
     return adata, model
 
 
 def test_recovers_simulated_types(fitted):
     adata, model = fitted
-    assert model.labels_.shape == (400,) and model.embedding_.shape == (400, FAST["latent"])
+    assert model.labels_.shape == (400,) and model.embedding_.shape == (400, model.config.latent)
     assert np.isfinite(model.embedding_).all()
     assert adjusted_rand_score(adata.obs["label"], model.labels_) > 0.9
 
@@ -75,7 +76,7 @@ def test_save_load_predict(fitted, tmp_path):
 def test_predict_new_cells(fitted):
     _, model = fitted
     new = simulate_counts(n_cells=150, n_genes=200, n_types=3, seed=1)[:150]
-    assert model.predict(new).shape == (150,) and model.transform(new).shape == (150, FAST["latent"])
+    assert model.predict(new).shape == (150,) and model.transform(new).shape == (150, model.config.latent)
 
 
 def test_bad_parameters(sim):
@@ -124,3 +125,13 @@ def test_leiden_init_option(sim):
     assert adjusted_rand_score(sim.obs["label"], model.labels_) > 0.8
     with pytest.raises(ParameterError, match="init must be"):
         SCHashFormer(3, init="spectral")
+
+
+def test_input_pcs_projection_saved_and_loaded(tmp_path):
+    adata = simulate_counts(n_cells=200, n_genes=120, seed=7)
+    model = SCHashFormer(3, seed=0, progress=False, input_pcs=10, **FAST).fit(adata)
+    assert tuple(model.indexer_.projection.shape) == (len(model.stats_.genes), 10)
+    model.save(tmp_path / "m")
+    loaded = SCHashFormer.load(tmp_path / "m", device="cpu")
+    assert torch.equal(loaded.indexer_.projection, model.indexer_.projection)
+    assert np.allclose(loaded.transform(adata), model.transform(adata), atol=1e-5)

@@ -3,7 +3,7 @@ import pytest
 import scipy.sparse as sp
 
 from schashformer.errors import InputError, ParameterError
-from schashformer.preprocess import prepare
+from schashformer.preprocess import prepare, principal_axes
 from tests.conftest import simulate_counts
 
 
@@ -76,3 +76,15 @@ def test_stats_align_new_data_and_warn_on_missing_genes(sim):
     other.var_names = [f"x{j}" for j in range(new.n_vars)]
     with pytest.raises(InputError, match="none of the model"):
         prepare(other, stats=prep.stats)
+
+
+def test_principal_axes_match_dense_pca():
+    """The Gram-matrix PCA (linear in cells, never dense) spans the same axes as PCA of the dense standardised matrix."""
+    prep = prepare(simulate_counts(n_cells=250, n_genes=60, seed=3))
+    axes = principal_axes(prep, 5, chunk=64)  # several chunks
+    x = prep.logn.toarray()
+    x = (x - prep.stats.mean) / prep.stats.std
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    assert axes.shape == (60, 5)
+    cosines = np.abs(np.sum(axes * vt[:5].T, axis=0))
+    assert np.all(cosines > 0.999), cosines

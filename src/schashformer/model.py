@@ -22,7 +22,7 @@ from . import buckets
 from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
-from .preprocess import GeneStats, Prepared, prepare
+from .preprocess import GeneStats, Prepared, prepare, principal_axes
 from .train import Stage2, TrainConfig, hash_cells, sorted_orders, train_indexer
 from .validate import check_adata, check_params, is_int, one_line, resolve
 
@@ -101,8 +101,9 @@ class SCHashFormer:
         n_batches = data.n_batches
 
         with self._stage("stage1_hashing"):
+            axes = None if cfg.input_pcs == 0 else torch.from_numpy(principal_axes(prep, cfg.input_pcs))
             self.indexer_ = LSHIndexer(prep.n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads,
-                                       cfg.bits_for(prep.n_cells), n_batches, cfg.dropout).to(device)
+                                       cfg.bits_for(prep.n_cells), n_batches, cfg.dropout, axes).to(device)
             history = train_indexer(self.indexer_, data, cfg, rng, self.progress)
             codes, h, hidden = hash_cells(self.indexer_, data, cfg.infer_batch)
             labels = None if labels_key is None else np.asarray(adata.obs[labels_key])[prep.cell_mask]
@@ -219,8 +220,9 @@ class SCHashFormer:
         model.stats_ = GeneStats(np.asarray(st["genes"]), st["mean"].numpy(), st["std"].numpy(), st["median_library"])
         model.batch_categories_ = state["batch_categories"]
         n_genes, n_batches = len(model.stats_.genes), len(model.batch_categories_)
+        axes = state["indexer"].get("projection")
         model.indexer_ = LSHIndexer(n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads, state["n_bits"], n_batches,
-                                    cfg.dropout)
+                                    cfg.dropout, None if axes is None else torch.zeros_like(axes))
         model.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent, cfg.layers, cfg.dropout)
         model.decoder_ = ZINBDecoder(cfg.latent, n_genes, cfg.hidden // 2, n_batches)
         model.head_ = ClusterHead(model.n_clusters, cfg.latent)

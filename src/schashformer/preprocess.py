@@ -253,3 +253,28 @@ def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp
     scatter = sp.csr_matrix((np.ones(present.size, np.float32), (np.arange(present.size), present)),
                             shape=(present.size, len(genes)))
     return sp.csr_matrix(x[:, pos[present]] @ scatter, dtype=np.float32)
+
+
+def principal_axes(prepared: Prepared, n_comps: int, chunk: int = 65536) -> np.ndarray:
+    """Top ``n_comps`` principal axes (genes, n_comps) of the standardised expression.
+
+    Computed from the genes x genes Gram matrix of the sparse log-normalised matrix,
+    accumulated over row chunks: O(nnz * genes) time and O(genes^2) memory, linear in
+    cells, never a dense cells x genes copy (the centring is applied to the Gram matrix).
+    The +-CLIP clipping of :meth:`Prepared.standardised` is ignored here.
+    """
+    logn, st = prepared.logn, prepared.stats
+    n, g = logn.shape
+    n_comps = int(min(n_comps, g, n))
+    gram = np.zeros((g, g), dtype=np.float64)
+    for start in range(0, n, chunk):
+        block = logn[start:start + chunk]
+        gram += (block.T @ block).toarray()
+    mean = st.mean.astype(np.float64)
+    cov = gram / n - np.outer(mean, mean)
+    std = st.std.astype(np.float64)
+    corr = cov / np.outer(std, std)
+    vals, vecs = np.linalg.eigh(corr)
+    axes = vecs[:, ::-1][:, :n_comps]
+    axes *= np.sign(axes[np.abs(axes).argmax(0), np.arange(n_comps)])  # deterministic signs
+    return axes.astype(np.float32)

@@ -31,16 +31,19 @@ class TrainConfig:
     """Hyper-parameters of both stages (defaults chosen by the benchmarks, see docs)."""
 
     # stage 1: hasher
+    input_pcs: int = 0  # >0: a fixed projection on this many principal axes precedes the encoder
     hash_heads: int = 3
     hash_bits: int | None = None  # None: log2(cells / 16), clipped to [4, 16]
-    hidden: int = 512
-    hash_latent: int = 128
-    stage1_steps: int = 200
+    hidden: int = 256
+    hash_latent: int = 32
+    stage1_steps: int = 400
     stage1_batch: int = 512
     tau: float = 0.8
     mask_rate: float = 0.2
-    w_contrastive: float = 1.0
+    input_noise: float = 2.5  # sd of Gaussian noise added to each view (scDeepCluster's denoising value)
+    w_contrastive: float = 0.03  # small: the contrastive term's scale dwarfs the per-entry ZINB NLL
     bucket_weight: float = 1.0  # weight of same-bucket positives relative to the cell's own other view
+    detach_codes: bool = False  # True: code losses train the hash heads only, not the encoder
     w_balance: float = 1.0
     w_quantisation: float = 0.1
     # stage 2: neighbourhood Transformer + clustering head
@@ -50,11 +53,11 @@ class TrainConfig:
     attn_heads: int = 4
     layers: int = 1
     latent: int = 32
-    stage2_pretrain_steps: int = 300
-    stage2_cluster_steps: int = 300
+    stage2_pretrain_steps: int = 200
+    stage2_cluster_steps: int = 200
     update_interval: int = 50  # steps between refreshes of the target distribution P
     tol: float = 0.001  # stop when fewer than this fraction of labels change between refreshes
-    w_consistency: float = 1.0  # stage-2 InfoNCE between two dropout passes of the same chunks
+    w_consistency: float = 0.03  # stage-2 InfoNCE between two dropout passes; small for the same reason
     alpha: float = 0.1  # weight of the KL clustering loss
     beta: float = 1.0  # weight of the ZINB loss in stage 2
     dropout: float = 0.1
@@ -76,7 +79,7 @@ class TrainConfig:
                      "d_model", "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps"):
+        for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.attn_heads:
@@ -141,7 +144,11 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
         keep = 1.0 - cfg.mask_rate
         x1 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
         x2 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
-        terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight)
+        if cfg.input_noise > 0:
+            x1 = x1 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
+            x2 = x2 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
+        terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight,
+                                 detach_codes=cfg.detach_codes)
         loss = (terms["zinb"] + cfg.w_contrastive * terms["contrastive"] + cfg.w_balance * terms["balance"]
                 + cfg.w_quantisation * terms["quantisation"])
         _step(opt, loss, params, cfg, "stage 1")

@@ -29,14 +29,22 @@ class LSHIndexer(nn.Module):
     n_bits : bits per head b.
     n_batches : batch categories passed to the ZINB decoder as a covariate.
     dropout : dropout rate in the encoder.
+    projection : optional fixed (genes, p) matrix (e.g. principal axes) applied before the
+        encoder; a buffer, saved with the model but never trained.
     """
 
     def __init__(self, n_genes: int, n_hidden: int = 512, n_latent: int = 128, n_heads: int = 3,
-                 n_bits: int = 8, n_batches: int = 0, dropout: float = 0.1):
+                 n_bits: int = 8, n_batches: int = 0, dropout: float = 0.1,
+                 projection: torch.Tensor | None = None):
         super().__init__()
         self.n_heads, self.n_bits = n_heads, n_bits
+        if projection is not None:
+            self.register_buffer("projection", torch.as_tensor(projection, dtype=torch.float32))
+        else:
+            self.projection = None
+        n_in = n_genes if projection is None else self.projection.shape[1]
         self.encoder = nn.Sequential(
-            nn.Linear(n_genes, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(n_in, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(), nn.Dropout(dropout),
             nn.Linear(n_hidden, n_latent), nn.LayerNorm(n_latent), nn.GELU(),
         )
         self.hash = nn.Linear(n_latent, n_heads * n_bits)
@@ -46,19 +54,30 @@ class LSHIndexer(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x: (cells, genes) -> hidden (cells, n_latent), continuous hash h (cells, H, b)."""
-        hidden = self.encoder(x)
+        hidden = self.encode(x)
         h = torch.sigmoid(self.hash(hidden)).view(-1, self.n_heads, self.n_bits)
         return hidden, h
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (cells, genes) -> hidden (cells, n_latent)."""
+        return self.encoder(x if self.projection is None else x @ self.projection)
 
     def codes(self, h: torch.Tensor) -> torch.Tensor:
         """Continuous hash (cells, H, b) -> integer bucket ids (cells, H)."""
         return ((h > 0.5).long() * self.bit_weights).sum(-1)
 
     def losses(self, x1, x2, counts, size_factors, batch_onehot=None, tau: float = 0.8,
-               bucket_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """Loss terms for two augmented views x1, x2 (cells, genes) of the same cells."""
-        hidden1, h1 = self(x1)
-        _, h2 = self(x2)
+               bucket_weight: float = 1.0, detach_codes: bool = True) -> dict[str, torch.Tensor]:
+        """Loss terms for two augmented views x1, x2 (cells, genes) of the same cells.
+
+        With ``detach_codes`` the code losses train the hash heads only: the encoder learns from
+        the count likelihood alone, so the hash cannot bend the representation to fit its buckets.
+        """
+        hidden1 = self.encode(x1)
+        hidden2 = self.encode(x2)
+        src1, src2 = (hidden1.detach(), hidden2.detach()) if detach_codes else (hidden1, hidden2)
+        h1 = torch.sigmoid(self.hash(src1)).view(-1, self.n_heads, self.n_bits)
+        h2 = torch.sigmoid(self.hash(src2)).view(-1, self.n_heads, self.n_bits)
         mu, theta, pi = self.decoder(hidden1, size_factors, batch_onehot)
         return {
             "zinb": zinb_nll(counts, mu, theta, pi),
