@@ -10,8 +10,9 @@ def test_pbmc_default_quality_floor():
     adata = io.read_bundled_pbmc()
     tl.cluster(adata, 8, labels_key="label", seed=0, progress=False)
     m = adata.uns["schashformer"]["metrics"]
-    # scanpy Leiden at K=8 measures ARI ~0.76 / NMI ~0.77 here; the floor leaves room for seed noise.
-    assert m["ari"] >= 0.60 and m["nmi"] >= 0.65, m
+    # scanpy Leiden at K=8: ARI 0.739 / NMI 0.761 (3 seeds); ours 0.770 / 0.763 (benchmarks/results).
+    # The floor sits below our worst seed (0.732 / 0.756) to leave room for platform noise.
+    assert m["ari"] >= 0.70 and m["nmi"] >= 0.72, m
 
 
 @pytest.mark.slow
