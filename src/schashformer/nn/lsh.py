@@ -55,12 +55,15 @@ class LSHIndexer(nn.Module):
     def forward(self, x: torch.Tensor):
         """x: (cells, genes) -> hidden (cells, n_latent), continuous hash h (cells, H, b)."""
         hidden = self.encode(x)
-        h = torch.sigmoid(self.hash(hidden)).view(-1, self.n_heads, self.n_bits)
-        return hidden, h
+        return hidden, self.soft_codes(hidden)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (cells, genes) -> hidden (cells, n_latent)."""
         return self.encoder(x if self.projection is None else x @ self.projection)
+
+    def soft_codes(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (cells, n_latent) -> continuous hash h in (0, 1), (cells, H, b)."""
+        return torch.sigmoid(self.hash(hidden)).view(-1, self.n_heads, self.n_bits)
 
     def codes(self, h: torch.Tensor) -> torch.Tensor:
         """Continuous hash (cells, H, b) -> integer bucket ids (cells, H)."""
@@ -76,8 +79,7 @@ class LSHIndexer(nn.Module):
         hidden1 = self.encode(x1)
         hidden2 = self.encode(x2)
         src1, src2 = (hidden1.detach(), hidden2.detach()) if detach_codes else (hidden1, hidden2)
-        h1 = torch.sigmoid(self.hash(src1)).view(-1, self.n_heads, self.n_bits)
-        h2 = torch.sigmoid(self.hash(src2)).view(-1, self.n_heads, self.n_bits)
+        h1, h2 = self.soft_codes(src1), self.soft_codes(src2)
         mu, theta, pi = self.decoder(hidden1, size_factors, batch_onehot)
         return {
             "zinb": zinb_nll(counts, mu, theta, pi),
