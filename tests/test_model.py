@@ -135,3 +135,16 @@ def test_input_pcs_projection_saved_and_loaded(tmp_path):
     loaded = SCHashFormer.load(tmp_path / "m", device="cpu")
     assert torch.equal(loaded.indexer_.projection, model.indexer_.projection)
     assert np.allclose(loaded.transform(adata), model.transform(adata), atol=1e-5)
+
+
+def test_token_residual_starts_from_the_stage1_token():
+    """With token_residual, z equals the query's own token before training and moves only by learning."""
+    from schashformer.nn import NeighbourhoodEncoder
+
+    torch.manual_seed(0)
+    enc = NeighbourhoodEncoder(8, d_model=16, n_heads=2, n_latent=8, dropout=0.0, token_residual=True).eval()
+    x = torch.randn(3, 10, 8)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    assert torch.equal(enc(x, mask, n_query=5), x[:, -5:])
+    with pytest.raises(ValueError, match="n_latent == input size"):
+        NeighbourhoodEncoder(8, n_latent=4, token_residual=True)

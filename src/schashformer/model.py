@@ -111,7 +111,7 @@ class SCHashFormer:
 
         with self._stage("stage2_encoder"):
             self.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent,
-                                                 cfg.layers, cfg.dropout).to(device)
+                                                 cfg.layers, cfg.dropout, cfg.token_residual).to(device)
             self.decoder_ = ZINBDecoder(cfg.latent, prep.n_genes, cfg.hidden // 2, n_batches).to(device)
             self.head_ = ClusterHead(self.n_clusters, cfg.latent).to(device)
             stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, hidden, sorted_orders(codes, h), cfg, rng)
@@ -223,7 +223,8 @@ class SCHashFormer:
         axes = state["indexer"].get("projection")
         model.indexer_ = LSHIndexer(n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads, state["n_bits"], n_batches,
                                     cfg.dropout, None if axes is None else torch.zeros_like(axes))
-        model.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent, cfg.layers, cfg.dropout)
+        model.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent, cfg.layers, cfg.dropout,
+                                              cfg.token_residual)
         model.decoder_ = ZINBDecoder(cfg.latent, n_genes, cfg.hidden // 2, n_batches)
         model.head_ = ClusterHead(model.n_clusters, cfg.latent)
         for name in ("indexer", "encoder", "decoder", "head"):

@@ -53,6 +53,7 @@ class TrainConfig:
     attn_heads: int = 4
     layers: int = 1
     latent: int = 32
+    token_residual: bool = False  # z = own stage-1 token + attention update (needs latent == hash_latent)
     stage2_pretrain_steps: int = 200
     stage2_cluster_steps: int = 200
     update_interval: int = 50  # steps between refreshes of the target distribution P
@@ -84,6 +85,8 @@ class TrainConfig:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.attn_heads:
             raise ParameterError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
+        if self.token_residual and self.latent != self.hash_latent:
+            raise ParameterError(f"token_residual needs latent == hash_latent, got {self.latent} and {self.hash_latent}")
         if self.init not in ("kmeans", "leiden"):
             raise ParameterError(f"init must be 'kmeans' or 'leiden', got {self.init!r}")
         if not 0 <= self.mask_rate < 1 or not 0 <= self.dropout < 1:

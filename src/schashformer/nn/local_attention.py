@@ -54,14 +54,23 @@ class NeighbourhoodEncoder(nn.Module):
     n_latent : size of the embedding z used for clustering.
     n_layers : Transformer blocks (1 in the paper).
     dropout : dropout rate.
+    token_residual : z = the query's own input token + a learned update (needs n_latent ==
+        n_genes). The update starts at zero, so training starts from the stage-1
+        representation and attention can only add to it, not replace it.
     """
 
     def __init__(self, n_genes: int, d_model: int = 256, n_heads: int = 4, n_latent: int = 32,
-                 n_layers: int = 1, dropout: float = 0.1):
+                 n_layers: int = 1, dropout: float = 0.1, token_residual: bool = False):
         super().__init__()
+        if token_residual and n_latent != n_genes:
+            raise ValueError(f"token_residual needs n_latent == input size, got {n_latent} and {n_genes}")
+        self.token_residual = token_residual
         self.input = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_genes, d_model))
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
         self.to_latent = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, n_latent))
+        if token_residual:
+            nn.init.zeros_(self.to_latent[1].weight)
+            nn.init.zeros_(self.to_latent[1].bias)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
         """x (B, T, genes) with the C = n_query query cells last; key_mask (B, T) -> z (B, C, n_latent).
@@ -72,7 +81,8 @@ class NeighbourhoodEncoder(nn.Module):
         c = n_query
         for block in self.blocks:
             tokens = block(tokens, key_mask, n_query=c)
-        return self.to_latent(tokens[:, -c:])
+        z = self.to_latent(tokens[:, -c:])
+        return x[:, -c:] + z if self.token_residual else z
 
     @property
     def max_scores_numel(self) -> int:

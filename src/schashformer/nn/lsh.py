@@ -45,7 +45,9 @@ class LSHIndexer(nn.Module):
         n_in = n_genes if projection is None else self.projection.shape[1]
         self.encoder = nn.Sequential(
             nn.Linear(n_in, n_hidden), nn.LayerNorm(n_hidden), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(n_hidden, n_latent), nn.LayerNorm(n_latent), nn.GELU(),
+            # No activation after the last LayerNorm: a GELU there zeroes half of every
+            # cell's coordinates and cost 0.07 ARI on mouse bladder (docs/METHOD_CHOICES.md).
+            nn.Linear(n_hidden, n_latent), nn.LayerNorm(n_latent),
         )
         self.hash = nn.Linear(n_latent, n_heads * n_bits)
         self.decoder = ZINBDecoder(n_latent, n_genes, n_hidden=n_hidden // 2, n_batches=n_batches)
