@@ -2,7 +2,8 @@
 
 A config gives the data path (relative to this folder), the labels key, the number of
 clusters, optional batch key and any TrainConfig hyper-parameters under ``params``.
-Results go to ``runs/NAME/`` (refused if present unless --overwrite).
+Results go to ``runs/NAME/`` (refused if present unless --overwrite); a killed run continues
+with --resume from its checkpoint in ``runs/NAME/.checkpoint``.
 """
 
 import argparse
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output directory (default runs/NAME)")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue the killed run checkpointed in OUT/.checkpoint")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
         report = run_cluster(adata, n_clusters=int(cfg["n_clusters"]), out=out, labels_key=cfg.get("labels_key"),
                              batch_key=cfg.get("batch_key"), seed=args.seed, params=cfg.get("params") or {},
                              overwrite=args.overwrite, progress=not args.quiet, input_name=str(data),
-                             source={"path": data, "format": cfg.get("format")}, read_seconds=time.perf_counter() - start)
+                             source={"path": data, "format": cfg.get("format")}, read_seconds=time.perf_counter() - start,
+                             resume=args.resume)
         _print_report(report, out)
         return 0
     except SCHashFormerError as exc:

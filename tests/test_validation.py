@@ -202,6 +202,23 @@ def failing_write(tmp, monkeypatch):
     return lambda: cli.run_cluster(small(), n_clusters=3, out=tmp / "out", progress=False, params=TINY)
 
 
+def checkpoint_of_another_run(tmp):
+    a = small()
+    SCHashFormer(3, seed=0, progress=False, checkpoint_dir=tmp / "ck", keep_checkpoint=True, **TINY).fit(a)
+    return lambda: SCHashFormer(3, seed=1, progress=False, checkpoint_dir=tmp / "ck", **TINY).fit(a, resume=True)
+
+
+def corrupt_checkpoint(tmp):
+    (tmp / "ck").mkdir()
+    (tmp / "ck" / "checkpoint.pt").write_bytes(b"garbage")
+    return lambda: SCHashFormer(3, progress=False, checkpoint_dir=tmp / "ck", **TINY).fit(small(), resume=True)
+
+
+def out_with_checkpoint(tmp):
+    (tmp / "out" / ".checkpoint").mkdir(parents=True)
+    return lambda: cli.check_out_dir(tmp / "out", overwrite=False)
+
+
 # id -> (build(tmp, monkeypatch, fitted) -> callable, exception type, message pattern)
 CASES = {
     "V01": (lambda t, m, f: lambda: io.read(t / "missing.h5ad"), InputError,
@@ -290,6 +307,13 @@ CASES = {
     "V55": (lambda t, m, f: lambda: cli._parse_params(["lr"]), ParameterError, r"--param expects key=value, got 'lr'"),
     "V56": (lambda t, m, f: failing_write(t, m), OutputError,
             r"out: results could not be written \(OSError: \[Errno 28\] No space left on device\)"),
+    "V60": (lambda t, m, f: checkpoint_of_another_run(t), InputError,
+            r"ck: the checkpoint was written by another run \(differs in seed\); resume with the same data"),
+    "V61": (lambda t, m, f: out_with_checkpoint(t), OutputExistsError,
+            r"out holds the checkpoint of an unfinished run \(.*out/\.checkpoint\); pass --resume to continue it "
+            r"or --overwrite"),
+    "V62": (lambda t, m, f: corrupt_checkpoint(t), InputError,
+            r"ck/checkpoint\.pt: unreadable checkpoint \(UnpicklingError\); delete it to start again"),
 }
 # rows whose outcome is a warning, not an error (each has its own test below)
 WARNING_CASES = {
@@ -386,14 +410,14 @@ def test_results_are_staged_then_renamed(tmp_path, monkeypatch, existing):
     publish = cli._publish
 
     def spy(staging, out):
-        seen["out_existed"] = out.exists()
+        seen["out_before"] = sorted(p.name for p in out.iterdir())  # only the checkpoint of this run
         seen["staged"] = sorted(p.name for p in staging.iterdir())
         seen["staging"] = staging
         publish(staging, out)
 
     monkeypatch.setattr(cli, "_publish", spy)
     assert cli.main(cluster_argv(tmp_path / "in.h5ad", tmp_path / "out")) == 0
-    assert seen["out_existed"] == existing and seen["staged"] == ["clusters.csv", "metrics.json", "result.h5ad"]
+    assert seen["out_before"] == [".checkpoint"] and seen["staged"] == ["clusters.csv", "metrics.json", "result.h5ad"]
     assert seen["staging"].parent == tmp_path and ".partial-" in seen["staging"].name
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == seen["staged"]
     assert hidden_leftovers(tmp_path) == []
@@ -438,7 +462,16 @@ def test_failed_run_leaves_nothing(tmp_path, monkeypatch, capsys, failure):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and ("loss became nan" in err or "could not be written" in err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]  # no out, no staging directory
+    if failure == "training":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]  # no out, no staging directory
+    else:  # no results and no staging directory; the trained state is kept for --resume
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".checkpoint"]
+        monkeypatch.undo()
+        assert cli.main(argv) == 2  # a forgotten --resume does not throw the training away
+        assert "pass --resume to continue it" in capsys.readouterr().err
+        assert cli.main([*argv, "--resume"]) == 0
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clusters.csv", "metrics.json", "result.h5ad"]
 
 
 def test_failed_overwrite_keeps_previous_results(tmp_path, monkeypatch):
@@ -453,7 +486,8 @@ def test_failed_overwrite_keeps_previous_results(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(sio, "write_h5ad", fail)
     assert cli.main(cluster_argv(tmp_path / "in.h5ad", out, "--overwrite")) == 2
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / ".checkpoint").is_dir()  # the trained state, for --resume
     assert hidden_leftovers(tmp_path) == []
 
 

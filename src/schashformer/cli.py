@@ -2,8 +2,10 @@
 --out DIR`` and ``schashformer demo``.
 
 Results are written to a hidden staging directory next to ``--out`` and renamed into place
-only when every file is complete; a failed run leaves neither ``--out`` nor the staging
-directory behind.
+only when every file is complete; a failed run leaves no results and no staging directory
+behind. Training state is checkpointed in ``OUT/.checkpoint/`` (every ``--checkpoint-every``
+steps); ``--resume`` continues a killed or failed run from it, and it is deleted with the
+old contents of ``OUT`` once the results are in place.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .errors import InputError, OutputError, OutputExistsError, ParameterError, 
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png")
+CHECKPOINT_DIR = ".checkpoint"  # inside --out: the training state of an unfinished run
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -80,24 +83,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--allow-noncounts", action="store_true", help="accept pre-normalised (non-integer) input")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any TrainConfig field, repeatable")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results already in --out (and discard the checkpoint of an unfinished run there)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the unfinished run checkpointed in OUT/{CHECKPOINT_DIR} (same input, parameters "
+                        "and seed); starts from the beginning when there is none")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
+                   help="training steps between checkpoints (default 100; 0: only at the end of each phase)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output directory that already holds results unless ``overwrite``, and one holding other files."""
+def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an output directory that already holds results unless ``overwrite``, and one holding other files.
+
+    A checkpoint of an unfinished run (``OUT/.checkpoint``) is refused unless ``resume`` (continue
+    it) or ``overwrite`` (discard it), so that a forgotten ``--resume`` never throws training away.
+    """
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} exists and is not a directory")
     if not out.is_dir():
         return
     names = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in names if n not in RESULT_FILES]
+    foreign = [n for n in names if n not in RESULT_FILES and n != CHECKPOINT_DIR]
     if foreign:
         raise OutputExistsError(f"--out {out} holds files that are not scHashFormer results (e.g. {foreign[0]!r}); "
                                 "choose a new or empty directory")
-    if names and not overwrite:
-        raise OutputExistsError(f"{out} already holds results ({', '.join(names)}); pass --overwrite to replace them")
+    results = [n for n in names if n in RESULT_FILES]
+    if results and not overwrite:
+        raise OutputExistsError(f"{out} already holds results ({', '.join(results)}); pass --overwrite to replace them")
+    if CHECKPOINT_DIR in names and not (resume or overwrite):
+        raise OutputExistsError(f"{out} holds the checkpoint of an unfinished run ({out / CHECKPOINT_DIR}); "
+                                "pass --resume to continue it or --overwrite to discard it and start again")
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -118,8 +135,12 @@ def _publish(staging: Path, out: Path) -> None:
 def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key=None, layer=None,
                 n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
                 umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
-                reference_labels=None) -> dict:
+                reference_labels=None, resume: bool = False, checkpoint_every: int = 100) -> dict:
     """Cluster ``adata`` and write the result files into ``out`` all at once; returns metrics.json content.
+
+    Training is checkpointed in ``out/.checkpoint`` every ``checkpoint_every`` steps; ``resume``
+    continues from a checkpoint left there by a killed or failed run. The checkpoint is kept
+    until the results are in place, so a failure while writing them needs no new training.
 
     ``source`` (``path``, ``format``, ``transpose`` of the input file) is added to the run record
     so that ``schashformer rerun`` can read the input again. With ``reference_labels`` (a
@@ -127,10 +148,12 @@ def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key
     """
     from . import tl
 
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, resume)
     _, model = tl.cluster(adata, n_clusters, labels_key=labels_key, batch_key=batch_key, layer=layer,
                           n_top_genes=n_top_genes, seed=seed, device=device, allow_noncounts=allow_noncounts,
-                          progress=progress, return_model=True, overwrite=overwrite, **(params or {}))
+                          progress=progress, return_model=True, overwrite=overwrite,
+                          checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=checkpoint_every, keep_checkpoint=True,
+                          resume=resume, **(params or {}))
     record = adata.uns["schashformer"]
     if source is not None:
         record["input"] = {"path": str(Path(source["path"]).resolve()), "format": source.get("format") or "",
@@ -166,13 +189,14 @@ def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_h5ad(adata, staging / "result.h5ad")
         (staging / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
-        check_out_dir(out, overwrite)  # nothing else appeared in out meanwhile
-        _publish(staging, out)
+        check_out_dir(out, overwrite, resume=True)  # nothing else appeared in out meanwhile (our checkpoint may)
+        _publish(staging, out)  # the old out, checkpoint included, is deleted
     except SCHashFormerError:
         raise
     except OSError as exc:
-        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); "
-                          "nothing was left there") from None
+        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); no partial results were "
+                          f"left there (the trained state is kept in {out / CHECKPOINT_DIR}: rerun with --resume to skip "
+                          "training)") from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -250,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import io
 
         out = Path(args.out)
-        check_out_dir(out, args.overwrite)  # fail before any work
+        check_out_dir(out, args.overwrite, getattr(args, "resume", False))  # fail before any work
         if args.command == "rerun":
             report = run_rerun(Path(args.result), out=out, input_path=args.input, device=args.device,
                                overwrite=args.overwrite, umap=not args.no_umap, progress=not args.quiet)
@@ -275,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                              seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
                              params=_parse_params(args.param), overwrite=args.overwrite, umap=not args.no_umap,
                              progress=not args.quiet, input_name=str(name), source=source,
-                             read_seconds=time.perf_counter() - start)
+                             read_seconds=time.perf_counter() - start, resume=args.resume,
+                             checkpoint_every=args.checkpoint_every)
         _print_report(report, out)
         return 0
     except SCHashFormerError as exc:

@@ -23,6 +23,7 @@ from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
 from .preprocess import GeneStats, Prepared, prepare, principal_axes
+from .checkpoint import PHASES, Checkpointer, fingerprint_arrays
 from .train import Stage2, TrainConfig, hash_cells, sorted_orders, train_indexer
 from .validate import check_adata, check_params, is_int, one_line, resolve
 
@@ -45,6 +46,13 @@ class SCHashFormer:
     device : 'auto' (CUDA when available), 'cpu' or 'cuda'.
     allow_noncounts : accept non-integer (pre-normalised) input.
     progress : show progress bars.
+    checkpoint_dir : directory for checkpoints (None: no checkpoints). ``fit`` writes the state
+        there every ``checkpoint_every`` training steps and at the end of each phase, atomically;
+        ``fit(..., resume=True)`` continues a killed fit from it and ends with the same labels as
+        an uninterrupted fit (on the CPU, same seed). See :mod:`schashformer.checkpoint`.
+    checkpoint_every : training steps between checkpoints (0: only at the end of each phase).
+    keep_checkpoint : keep the final checkpoint after a successful ``fit`` (by default it is deleted;
+        the command line keeps it until the result files are written).
     **params : any field of :class:`schashformer.train.TrainConfig`.
 
     Attributes after ``fit``
@@ -58,23 +66,31 @@ class SCHashFormer:
     """
 
     def __init__(self, n_clusters: int, *, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
-                 allow_noncounts: bool = False, progress: bool = True, **params):
+                 allow_noncounts: bool = False, progress: bool = True, checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int = 100, keep_checkpoint: bool = False, **params):
         check_params(params)
-        for name, value, low in (("seed", seed, 0), ("n_top_genes", n_top_genes, 1)):
+        for name, value, low in (("seed", seed, 0), ("n_top_genes", n_top_genes, 1),
+                                 ("checkpoint_every", checkpoint_every, 0)):
             if not is_int(value) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
         self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
         self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every, self.keep_checkpoint = checkpoint_every, keep_checkpoint
         self.config = TrainConfig(**params)
         self.config.validate()
         self._fitted = False
 
     # ------------------------------------------------------------------ fitting
     def fit(self, adata: ad.AnnData, *, batch_key: str | None = None, labels_key: str | None = None,
-            layer: str | None = None) -> "SCHashFormer":
+            layer: str | None = None, resume: bool = False) -> "SCHashFormer":
         """Train both stages on ``adata`` (raw counts, cells x genes) and cluster its cells.
 
-        ``labels_key`` is used only to report bucket purity, never for training.
+        ``labels_key`` is used only to report bucket purity, never for training. With
+        ``resume=True`` and a checkpoint in ``checkpoint_dir`` written by the same run (same
+        data, parameters, seed, device type and package version), training continues from
+        it; without a checkpoint the fit starts from the beginning. ``resume=False`` starts
+        afresh and replaces any checkpoint there.
         """
         check_adata(adata)
         for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
@@ -100,12 +116,41 @@ class SCHashFormer:
         self.stats_ = prep.stats
         n_batches = data.n_batches
 
+        ckpt = self._checkpointer(prep, data, device, rng)
+        state = ckpt.load() if ckpt is not None and resume else None
+        if ckpt is not None and not resume:
+            ckpt.remove()  # a fresh fit never leaves another run's files to be resumed by mistake
+        if state is not None:
+            log.info("resuming from %s (%s, step %d)", ckpt.path, state["phase"], state["step"])
+
+        def at(phase):  # the checkpoint was written exactly here: continue from it
+            return state is not None and state["phase"] == phase
+
+        def past(phase):  # the checkpoint is at or after this point: skip the work, load its result
+            return state is not None and PHASES.index(state["phase"]) >= PHASES.index(phase)
+
         with self._stage("stage1_hashing"):
             axes = None if cfg.input_pcs == 0 else torch.from_numpy(principal_axes(prep, cfg.input_pcs))
             self.indexer_ = LSHIndexer(prep.n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads,
                                        cfg.bits_for(prep.n_cells), n_batches, cfg.dropout, axes).to(device)
-            history = train_indexer(self.indexer_, data, cfg, rng, self.progress)
-            codes, h, hidden = hash_cells(self.indexer_, data, cfg.infer_batch)
+            if ckpt is not None:
+                ckpt.modules["indexer"] = self.indexer_
+            if past("stage1_done"):
+                ckpt.load_modules(state)
+                history = list(state["history1"])
+                codes, h, hidden = ckpt.load_hashes()
+            else:
+                history = train_indexer(self.indexer_, data, cfg, rng, self.progress, ckpt,
+                                        state if at("stage1") else None)
+                codes, h, hidden = hash_cells(self.indexer_, data, cfg.infer_batch)
+                if ckpt is not None:
+                    ckpt.save_hashes(codes, h, hidden)
+                    ckpt.extra["history1"] = history
+                    ckpt.save("stage1_done")
+            if ckpt is not None:
+                ckpt.extra["history1"] = history
+            if at("stage1_done"):
+                ckpt.restore_rngs(state)
             labels = None if labels_key is None else np.asarray(adata.obs[labels_key])[prep.cell_mask]
             self.bucket_stats_ = buckets.bucket_stats(codes, labels)
 
@@ -115,11 +160,38 @@ class SCHashFormer:
             self.decoder_ = ZINBDecoder(cfg.latent, prep.n_genes, cfg.hidden // 2, n_batches).to(device)
             self.head_ = ClusterHead(self.n_clusters, cfg.latent).to(device)
             stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, hidden, sorted_orders(codes, h), cfg, rng)
-            stage2.pretrain(self.progress)
+            if ckpt is not None:
+                ckpt.modules.update(encoder=self.encoder_, decoder=self.decoder_, head=self.head_)
+            if past("pretrain_done"):
+                ckpt.load_modules(state)
+                stage2.history = list(state["history2"])
+            else:
+                stage2.pretrain(self.progress, ckpt, state if at("pretrain") else None)
+                if ckpt is not None:
+                    ckpt.save("pretrain_done", history2=stage2.history)
+            if at("pretrain_done"):
+                ckpt.restore_rngs(state)
 
         with self._stage("stage2_clustering"):
-            self.kmeans_labels_ = self._expand(stage2.init_centres(self.seed), prep.cell_mask, -1)
-            stage2.cluster(self.progress)
+            if past("centres"):
+                ckpt.load_modules(state)
+                kmeans_labels = state["kmeans_labels"].numpy()
+            else:
+                kmeans_labels = stage2.init_centres(self.seed)
+            if ckpt is not None:
+                ckpt.extra["kmeans_labels"] = torch.from_numpy(np.asarray(kmeans_labels, dtype=np.int64))
+                if not past("centres"):
+                    ckpt.save("centres", history2=stage2.history)
+            if at("centres"):
+                ckpt.restore_rngs(state)
+            self.kmeans_labels_ = self._expand(kmeans_labels, prep.cell_mask, -1)
+            if past("done"):
+                ckpt.load_modules(state)
+                stage2.history = list(state["history2"])
+            else:
+                stage2.cluster(self.progress, ckpt, state if at("cluster") else None)
+                if ckpt is not None:
+                    ckpt.save("done", history2=stage2.history)
             z = stage2.embed_all()
             q = stage2.soft_assign_all(z)
 
@@ -130,6 +202,8 @@ class SCHashFormer:
         self.n_removed_cells_ = int((~prep.cell_mask).sum())
         self.max_attention_elements_ = self.encoder_.max_scores_numel
         self._fitted = True
+        if ckpt is not None and not self.keep_checkpoint:
+            ckpt.remove()
         return self
 
     def fit_predict(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
@@ -235,6 +309,24 @@ class SCHashFormer:
     def _check_fitted(self) -> None:
         if not self._fitted:
             raise ParameterError("this SCHashFormer is not fitted yet; call fit(adata) first")
+
+    def _checkpointer(self, prep: Prepared, data: CellData, device: torch.device,
+                      rng: np.random.Generator) -> Checkpointer | None:
+        """The fit's checkpointer (None without ``checkpoint_dir``), with the fingerprint of this run."""
+        if self.checkpoint_dir is None:
+            return None
+        from . import __version__
+
+        batch = np.zeros(0, np.int64) if data.batch_index is None else data.batch_index
+        c = prep.counts
+        fingerprint = {"version": __version__, "device_type": device.type, "seed": int(self.seed),
+                       "n_clusters": int(self.n_clusters), "n_top_genes": int(self.n_top_genes),
+                       "allow_noncounts": bool(self.allow_noncounts),
+                       "params": repr(sorted(self.config.to_dict().items())),
+                       "data": fingerprint_arrays(c.indptr, c.indices, c.data, prep.size_factors, prep.stats.mean,
+                                                  prep.stats.std, batch, prep.cell_mask,
+                                                  np.asarray(prep.stats.genes, dtype=str))}
+        return Checkpointer(self.checkpoint_dir, self.checkpoint_every, fingerprint, rng)
 
     def _seed_everything(self) -> None:
         torch.manual_seed(self.seed)

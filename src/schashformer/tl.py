@@ -19,7 +19,8 @@ from .validate import check_adata, resolve
 def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None, batch_key: str | None = None,
             layer: str | None = None, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
             key_added: str = "schashformer", allow_noncounts: bool = False, overwrite: bool = False,
-            copy: bool = False, progress: bool = True, return_model: bool = False, **params):
+            copy: bool = False, progress: bool = True, return_model: bool = False, checkpoint_dir=None,
+            checkpoint_every: int = 100, keep_checkpoint: bool = False, resume: bool = False, **params):
     """Cluster cells with scHashFormer and write the results into ``adata``.
 
     Parameters
@@ -33,6 +34,8 @@ def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None
     overwrite : replace results already stored under ``key_added``.
     copy : work on a copy and return it.
     return_model : also return the trained :class:`SCHashFormer`.
+    checkpoint_dir, checkpoint_every, keep_checkpoint : see :class:`SCHashFormer`.
+    resume : continue from the checkpoint in ``checkpoint_dir`` (see :meth:`SCHashFormer.fit`).
 
     Writes
     ------
@@ -54,8 +57,9 @@ def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
 
     model = SCHashFormer(n_clusters, n_top_genes=n_top_genes, seed=seed, device=device,
-                         allow_noncounts=allow_noncounts, progress=progress, **params)
-    model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer)
+                         allow_noncounts=allow_noncounts, progress=progress, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, **params)
+    model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
     start = time.perf_counter()
     checksum = record.data_checksum(count_matrix(adata, layer))
     timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - start, 3)}}

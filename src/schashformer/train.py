@@ -18,6 +18,7 @@ from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
 from . import buckets
+from .checkpoint import Checkpointer
 from .data import CellData
 from .errors import ParameterError, TrainingError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder, target_distribution, zinb_nll
@@ -112,52 +113,96 @@ def _optimiser(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, cfg: TrainConfig, stage: str) -> None:
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, cfg: TrainConfig, stage: str, step: int = -1,
+          checkpoint: Checkpointer | None = None) -> None:
+    """One optimiser step; a non-finite loss stops training before it can touch the weights or a checkpoint."""
     if not torch.isfinite(loss):
-        raise TrainingError(f"{stage}: loss became {loss.item()}; lower lr (now {cfg.lr}) or check the input counts")
+        where = f"{stage}, step {step}" if step >= 0 else stage
+        kept = "" if checkpoint is None else f"; {checkpoint.describe()}"
+        raise TrainingError(f"{where}: loss became {loss.item()}; lower lr (now {cfg.lr}) or check the input counts"
+                            + kept)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
 
 
-def _cycle(make_iter):
-    while True:
-        yield from make_iter()
+class _RowCursor:
+    """Shuffled minibatches of rows, one permutation per epoch, drawn from ``rng`` when the epoch starts.
+
+    Draws exactly what ``CellData.minibatches(batch, rng)`` in a loop draws, in the same order, but its
+    position (permutation, offset) can be saved in a checkpoint and restored.
+    """
+
+    def __init__(self, n: int, batch: int, rng: np.random.Generator):
+        self.n, self.batch, self.rng = n, batch, rng
+        self.order: np.ndarray | None = None
+        self.pos = 0
+
+    def next(self) -> np.ndarray:
+        if self.order is None or self.pos >= self.n:
+            self.order, self.pos = self.rng.permutation(self.n), 0
+        rows = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return rows
+
+    def state(self) -> dict:
+        return {"order": None if self.order is None else torch.from_numpy(self.order), "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.order = None if state["order"] is None else state["order"].numpy()
+        self.pos = int(state["pos"])
 
 
 # ----------------------------------------------------------------------------- stage 1
 def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np.random.Generator,
-                  progress: bool = True) -> list[dict]:
-    """Train the hasher for ``cfg.stage1_steps`` minibatch steps; returns the loss history."""
+                  progress: bool = True, checkpoint: Checkpointer | None = None,
+                  resume: dict | None = None) -> list[dict]:
+    """Train the hasher for ``cfg.stage1_steps`` minibatch steps; returns the loss history.
+
+    With ``checkpoint`` the state is saved every ``checkpoint.every`` steps (phase ``"stage1"``);
+    ``resume`` (a checkpoint saved in that phase) continues from its step with its weights,
+    optimiser, batch position and random generators, so the result equals an uninterrupted run.
+    """
     indexer.train()
     params = list(indexer.parameters())
     opt = _optimiser(params, cfg)
     batch = min(cfg.stage1_batch, data.n_cells)
-    batches = _cycle(lambda: data.minibatches(batch, rng))
     history = []
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
-    bar = tqdm(range(cfg.stage1_steps), desc="stage 1: hashing", disable=not progress, leave=False)
+    rows_of = _RowCursor(data.n_cells, batch, rng)
+    start = 0
+    if resume is not None:
+        checkpoint.load_modules(resume)
+        opt.load_state_dict(resume["optimiser"])
+        gen.set_state(resume["loop"]["gen"])
+        rows_of.load(resume["loop"])
+        history, start = list(resume["history1"]), resume["step"]
+        checkpoint.restore_rngs(resume)
+    bar = tqdm(range(start, cfg.stage1_steps), desc="stage 1: hashing", disable=not progress, leave=False,
+               initial=start, total=cfg.stage1_steps)
     for step in bar:
-        rows = next(batches)
-        if len(rows) < 2:
-            continue
-        x = data.inputs(rows)
-        counts, sf, onehot = data.targets(rows)
-        keep = 1.0 - cfg.mask_rate
-        x1 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
-        x2 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
-        if cfg.input_noise > 0:
-            x1 = x1 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
-            x2 = x2 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
-        terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight,
-                                 detach_codes=cfg.detach_codes)
-        loss = (terms["zinb"] + cfg.w_contrastive * terms["contrastive"] + cfg.w_balance * terms["balance"]
-                + cfg.w_quantisation * terms["quantisation"])
-        _step(opt, loss, params, cfg, "stage 1")
-        if step % 10 == 0 or step == cfg.stage1_steps - 1:
-            history.append({"stage": 1, "step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        rows = rows_of.next()
+        if len(rows) >= 2:  # a last batch of one cell has no contrastive pairs
+            x = data.inputs(rows)
+            counts, sf, onehot = data.targets(rows)
+            keep = 1.0 - cfg.mask_rate
+            x1 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
+            x2 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
+            if cfg.input_noise > 0:
+                x1 = x1 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
+                x2 = x2 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
+            terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight,
+                                   detach_codes=cfg.detach_codes)
+            loss = (terms["zinb"] + cfg.w_contrastive * terms["contrastive"] + cfg.w_balance * terms["balance"]
+                    + cfg.w_quantisation * terms["quantisation"])
+            _step(opt, loss, params, cfg, "stage 1 (hashing)", step, checkpoint)
+            if step % 10 == 0 or step == cfg.stage1_steps - 1:
+                history.append({"stage": 1, "step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoint is not None and checkpoint.due(step + 1, cfg.stage1_steps):
+            checkpoint.save("stage1", step + 1, optimiser=opt.state_dict(), history1=history,
+                            loop={"gen": gen.get_state(), **rows_of.state()})
     return history
 
 
@@ -189,6 +234,44 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
 
 
+class _ChunkCursor:
+    """Batches of chunk tokens for stage 2: each epoch one head's sorted order, cut at a random shift, chunks shuffled.
+
+    The shift and permutation are drawn from ``rng`` when an epoch starts (shift first), as the
+    original generator did; the position (epoch, shift, permutation, offset) can be checkpointed.
+    """
+
+    def __init__(self, orders: list[np.ndarray], cfg: TrainConfig, rng: np.random.Generator):
+        self.orders, self.cfg, self.rng = orders, cfg, rng
+        self.epoch, self.shift, self.pos = -1, 0, 0
+        self.ids: np.ndarray | None = None
+        self.chunks: np.ndarray | None = None
+
+    def _cut(self) -> None:
+        order = self.orders[self.epoch % len(self.orders)]
+        self.chunks = buckets.chunk_index(order, self.cfg.chunk_size, shift=self.shift)
+
+    def next(self) -> np.ndarray:
+        if self.ids is None or self.pos >= len(self.ids):
+            self.epoch += 1
+            self.shift = int(self.rng.integers(self.cfg.chunk_size))
+            self._cut()
+            self.ids, self.pos = self.rng.permutation(len(self.chunks)), 0
+        tokens = buckets.with_lookback(self.chunks, self.ids[self.pos:self.pos + self.cfg.chunks_per_batch])
+        self.pos += self.cfg.chunks_per_batch
+        return tokens
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "shift": self.shift, "pos": self.pos,
+                "ids": None if self.ids is None else torch.from_numpy(self.ids)}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.shift, self.pos = int(state["epoch"]), int(state["shift"]), int(state["pos"])
+        self.ids = None if state["ids"] is None else state["ids"].numpy()
+        if self.ids is not None:
+            self._cut()
+
+
 class Stage2:
     """The neighbourhood encoder with its ZINB decoder and clustering head, and their passes.
 
@@ -214,23 +297,10 @@ class Stage2:
         query = mask[:, -c:]
         return z[torch.from_numpy(query).to(x.device)], tokens[:, -c:][query]
 
-    def _batches(self, step: int):
-        """Chunk token batches for one pass over the cells, head and shift varying by epoch."""
-        order = self.orders[step % len(self.orders)]
-        chunks = buckets.chunk_index(order, self.cfg.chunk_size, shift=int(self.rng.integers(self.cfg.chunk_size)))
-        ids = self.rng.permutation(len(chunks))
-        for start in range(0, len(ids), self.cfg.chunks_per_batch):
-            yield buckets.with_lookback(chunks, ids[start:start + self.cfg.chunks_per_batch])
-
-    def _token_batches(self):
-        epoch = 0
-        while True:
-            yield from self._batches(epoch)
-            epoch += 1
-
-    def pretrain(self, progress: bool = True) -> None:
-        """ZINB-only training of encoder + decoder."""
-        self._run(self.cfg.stage2_pretrain_steps, with_kl=False, progress=progress)
+    def pretrain(self, progress: bool = True, checkpoint: Checkpointer | None = None, resume: dict | None = None) -> None:
+        """ZINB-only training of encoder + decoder (checkpoint phase ``"pretrain"``)."""
+        self._run(self.cfg.stage2_pretrain_steps, with_kl=False, progress=progress, checkpoint=checkpoint,
+                  resume=resume)
 
     def init_centres(self, seed: int) -> np.ndarray:
         """Place the cluster centres (``cfg.init``: 'kmeans' or 'leiden' on the hash kNN graph); returns the labels."""
@@ -251,19 +321,33 @@ class Stage2:
             self.head.centres.copy_(torch.from_numpy(centres).float())
         return labels
 
-    def cluster(self, progress: bool = True) -> None:
-        """ZINB + KL(P || Q) training with P refreshed every ``update_interval`` steps."""
-        self._run(self.cfg.stage2_cluster_steps, with_kl=True, progress=progress)
+    def cluster(self, progress: bool = True, checkpoint: Checkpointer | None = None, resume: dict | None = None) -> None:
+        """ZINB + KL(P || Q) training with P refreshed every ``update_interval`` steps (phase ``"cluster"``)."""
+        self._run(self.cfg.stage2_cluster_steps, with_kl=True, progress=progress, checkpoint=checkpoint,
+                  resume=resume)
 
-    def _run(self, n_steps: int, with_kl: bool, progress: bool) -> None:
+    def _run(self, n_steps: int, with_kl: bool, progress: bool, checkpoint: Checkpointer | None = None,
+             resume: dict | None = None) -> None:
+        """The training loop of both stage-2 phases; see :func:`train_indexer` for ``checkpoint`` and ``resume``."""
         cfg = self.cfg
         modules = [self.encoder, self.decoder] + ([self.head] if with_kl else [])
         params = [p for m in modules for p in m.parameters()]
         opt = _optimiser(params, cfg)
-        batches = self._token_batches()
+        batches = _ChunkCursor(self.orders, cfg, self.rng)
         p_all, last_labels = None, None
         desc = "stage 2: clustering" if with_kl else "stage 2: encoder"
-        bar = tqdm(range(n_steps), desc=desc, disable=not progress, leave=False)
+        phase = "cluster" if with_kl else "pretrain"
+        start = 0
+        if resume is not None:
+            checkpoint.load_modules(resume)
+            opt.load_state_dict(resume["optimiser"])
+            batches.load(resume["loop"])
+            self.history, start = list(resume["history2"]), resume["step"]
+            if resume["loop"].get("p_all") is not None:
+                p_all = resume["loop"]["p_all"].to(self.data.device)
+                last_labels = resume["loop"]["last_labels"].numpy()
+            checkpoint.restore_rngs(resume)
+        bar = tqdm(range(start, n_steps), desc=desc, disable=not progress, leave=False, initial=start, total=n_steps)
         for step in bar:
             if with_kl and step % cfg.update_interval == 0:
                 q_all = self.soft_assign_all()
@@ -278,7 +362,7 @@ class Stage2:
                 p_all = target_distribution(torch.from_numpy(q_all)).to(self.data.device)
             for m in modules:
                 m.train()
-            tokens = next(batches)
+            tokens = batches.next()
             z, rows = self._embed(tokens)
             counts, sf, onehot = self.data.targets(rows)
             zinb = zinb_nll(counts, *self.decoder(z, sf, onehot))
@@ -294,10 +378,15 @@ class Stage2:
                 kl = kl_loss(p_all[torch.from_numpy(rows).to(z.device)], self.head(z))
                 loss = loss + cfg.alpha * kl
                 terms["kl"] = kl.item()
-            _step(opt, loss, params, cfg, desc)
+            _step(opt, loss, params, cfg, desc, step, checkpoint)
             if step % 10 == 0:
                 self.history.append({"stage": "2-cluster" if with_kl else "2-pretrain", "step": step,
                                      "loss": loss.item(), **terms})
+            if checkpoint is not None and checkpoint.due(step + 1, n_steps):
+                loop = batches.state()
+                if with_kl:  # P and the labels of the last refresh, so a resume between refreshes uses them
+                    loop.update(p_all=p_all.cpu(), last_labels=torch.from_numpy(last_labels))
+                checkpoint.save(phase, step + 1, optimiser=opt.state_dict(), history2=self.history, loop=loop)
 
     @torch.no_grad()
     def embed_all(self, orders: list[np.ndarray] | None = None) -> np.ndarray:
