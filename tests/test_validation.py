@@ -320,6 +320,7 @@ WARNING_CASES = {
     "V16": r"dup\.h5ad: 1 duplicated gene names .* made unique",
     "V28": r"adata\.obs_names has 2 duplicated cell names",
     "V47": r"1 of the model's \d+ genes are missing from the input; they are filled with zeros",
+    "V63": r"n_clusters=3 exceeds the [12] distinct hash buckets the cells fall into \(combined over 1 heads of 1 bits\)",
 }
 RERUN_CASES = ("V57", "V58", "V59")
 
@@ -360,6 +361,16 @@ def test_v47_some_model_genes_missing_are_zero_filled(fitted):
     with pytest.warns(UserWarning, match=WARNING_CASES["V47"]):
         labels = fitted.predict(a)
     assert labels.shape == (30,) and labels.max() < 3
+
+
+def test_v63_more_clusters_than_hash_buckets_warns_and_clusters():
+    with pytest.warns(UserWarning, match=WARNING_CASES["V63"]):
+        model = SCHashFormer(3, seed=0, progress=False, **{**TINY, "hash_bits": 1, "hash_heads": 1}).fit(small(60, 40))
+    assert len(np.unique(model.codes_, axis=0)) <= 2 and model.labels_.shape == (60,) and model.labels_.min() >= 0
+    with warnings.catch_warnings(record=True) as seen:  # automatic bits on the same cells: enough buckets
+        warnings.simplefilter("always")
+        SCHashFormer(3, seed=0, progress=False, **TINY).fit(small(60, 40))
+    assert not [w for w in seen if "distinct hash buckets" in str(w.message)]
 
 
 def test_allow_noncounts_accepts_what_v24_refuses():
