@@ -20,8 +20,8 @@ import scipy.sparse as sp
 import torch
 
 from schashformer import SCHashFormer, cli, io, tl
-from schashformer.errors import (InputError, OutputError, OutputExistsError, ParameterError, SCHashFormerError,
-                                 TrainingError)
+from schashformer.errors import (InputError, OutputError, OutputExistsError, ParameterError, ResourceError,
+                                 SCHashFormerError, TrainingError)
 from schashformer.preprocess import prepare
 from tests.conftest import DATA, simulate_counts
 
@@ -219,6 +219,18 @@ def out_with_checkpoint(tmp):
     return lambda: cli.check_out_dir(tmp / "out", overwrite=False)
 
 
+def little_memory(monkeypatch, action, available=2**20):
+    from schashformer import resources
+
+    monkeypatch.setattr(resources, "available_bytes", lambda: available)
+    return action
+
+
+def big_file(tmp):
+    simulate_counts(2000, 300).write_h5ad(tmp / "big.h5ad")  # about 5 MiB as CSR
+    return lambda: io.read(tmp / "big.h5ad")
+
+
 # id -> (build(tmp, monkeypatch, fitted) -> callable, exception type, message pattern)
 CASES = {
     "V01": (lambda t, m, f: lambda: io.read(t / "missing.h5ad"), InputError,
@@ -314,6 +326,10 @@ CASES = {
             r"or --overwrite"),
     "V62": (lambda t, m, f: corrupt_checkpoint(t), InputError,
             r"ck/checkpoint\.pt: unreadable checkpoint \(UnpicklingError\); delete it to start again"),
+    "V64": (lambda t, m, f: little_memory(m, big_file(t)), ResourceError,
+            r"reading .*big\.h5ad needs about \d+ MiB of memory but only 1 MiB is available; free memory"),
+    "V65": (lambda t, m, f: little_memory(m, lambda: tl.cluster(small(), 3, progress=False, **TINY), 4096),
+            ResourceError, r"clustering 40 cells x 30 genes needs about \d+ KiB of memory but only 4 KiB is available"),
 }
 # rows whose outcome is a warning, not an error (each has its own test below)
 WARNING_CASES = {

@@ -28,3 +28,7 @@ class OutputError(SCHashFormerError, OSError):
 
 class TrainingError(SCHashFormerError, RuntimeError):
     """Training diverged (e.g. a NaN loss)."""
+
+
+class ResourceError(SCHashFormerError, MemoryError):
+    """The input would not fit in the memory available; the message says how much is needed."""

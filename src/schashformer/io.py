@@ -56,6 +56,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from . import resources as memory
 from .errors import InputError, OutputExistsError, ParameterError
 
 __all__ = ["FORMATS", "read", "write_h5ad", "write_text_atomic", "file_md5", "bundled_pbmc_path",
@@ -122,6 +123,8 @@ def read(path: str | Path, *, format: str | None = None, labels_key: str | None 
         raise InputError(f"{path}: not a file or directory")
     if fmt != "mtx" and path.is_dir():
         raise InputError(f"{path}: is a directory; only the mtx format reads a directory")
+    memory.check_fits(estimate_read_bytes(path, fmt), f"reading {path}",
+                         "free memory, use a machine with more, or split the cells into several files")
     try:
         with warnings.catch_warnings():
             # anndata warns about duplicated names when building the object; _finalise reports them once
@@ -132,6 +135,112 @@ def read(path: str | Path, *, format: str | None = None, labels_key: str | None 
     except _READ_ERRORS as exc:  # never let a deep h5py/pandas traceback out
         raise InputError(f"{path}: cannot be read as {fmt}: {_one_line(exc)}") from None
     return _finalise(adata, path, var_names_col)
+
+
+# ----------------------------------------------------------------------------- memory estimate
+def estimate_read_bytes(path: str | Path, fmt: str) -> int:
+    """Low estimate of the memory :func:`read` needs for ``path`` in format ``fmt``, from metadata only.
+
+    h5ad: X, every layer and raw.X as stored (AnnData loads them whole);
+    10x_h5: the stored non-zeros plus their CSR float32; mtx: the header's entry count, read as
+    COO (two int32 + float64) and converted to CSR; xy_h5 and csv/tsv (converted to CSR block by
+    block): the non-zeros extrapolated from the density of the first rows (csv: rows estimated from
+    the file size, through the compression ratio of the first rows for .gz) plus one dense block.
+    Returns 0 when the file cannot be inspected: the reader then reports what is wrong with it.
+    """
+    try:
+        return int(_ESTIMATORS[fmt](Path(path)))
+    except Exception:  # an estimate is advisory: a malformed file is the reader's to report
+        return 0
+
+
+def _h5_matrix_bytes(node) -> tuple[int, int]:
+    """(bytes as stored, non-zeros) of an HDF5 dense dataset or AnnData sparse group."""
+    if isinstance(node, h5py.Dataset):
+        return node.size * node.dtype.itemsize, node.size
+    parts = [node[k] for k in ("data", "indices", "indptr") if k in node]
+    return sum(p.size * p.dtype.itemsize for p in parts), node["data"].size
+
+
+def _estimate_h5ad(path: Path) -> int:
+    with h5py.File(path, "r") as f:
+        stored = _h5_matrix_bytes(f["X"])[0]
+        for key in f["layers"] if "layers" in f else ():
+            stored += _h5_matrix_bytes(f["layers"][key])[0]
+        if "raw" in f and "X" in f["raw"]:
+            stored += _h5_matrix_bytes(f["raw"]["X"])[0]
+    return stored
+
+
+def _estimate_10x(path: Path) -> int:
+    with h5py.File(path, "r") as f:
+        group = f["matrix"] if "matrix" in f else next(f[k] for k in f if "data" in f[k])
+        data, indices = group["data"], group["indices"]
+        return data.size * (data.dtype.itemsize + indices.dtype.itemsize + memory.CSR_BYTES_PER_VALUE)
+
+
+def _estimate_xy(path: Path) -> int:
+    with h5py.File(path, "r") as f:
+        x = f["X"]
+        n, g = x.shape
+        sample = np.asarray(x[: min(n, max(1, _BLOCK_ELEMENTS // max(g, 1)), 1000)])
+        density = np.count_nonzero(sample) / max(sample.size, 1)
+        return int(density * n * g * memory.CSR_BYTES_PER_VALUE + min(n * g, _BLOCK_ELEMENTS) * x.dtype.itemsize)
+
+
+def _estimate_mtx(path: Path) -> int:
+    if path.is_dir():
+        path = next(p for p in sorted(path.iterdir()) if p.name.endswith(("matrix.mtx", "matrix.mtx.gz")))
+    entries = scipy.io.mminfo(path)[2]
+    return entries * (16 + 12)  # COO (int32 row, int32 col, float64) + CSR float64 of it
+
+
+class _CountingReader:
+    """A binary file object that counts the bytes read from it (compressed bytes under gzip)."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, size=-1):
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+    def readable(self):
+        return True
+
+
+def _estimate_table(path: Path, sep: bytes) -> int:
+    import gzip
+
+    size = path.stat().st_size
+    with open(path, "rb") as raw:
+        counting = _CountingReader(raw)
+        zipped = path.name.lower().endswith(".gz")
+        stream = gzip.GzipFile(fileobj=counting) if zipped else raw
+        lines = []
+        for _ in range(_TABLE_ROWS + 1):
+            line = stream.readline()
+            if not line:
+                break
+            lines.append(line)
+        # uncompressed bytes per file byte (the gzip reader reads ahead: a slight underestimate of rows)
+        ratio = sum(len(line) for line in lines) / max(counting.count, 1) if zipped else 1.0
+    if len(lines) < 2:
+        return 0
+    body = lines[1:]
+    fields = [line.rstrip(b"\r\n").split(sep)[1:] for line in body]
+    n_cols = max(len(f) for f in fields)
+    nonzero = sum(1 for row in fields for v in row if v.strip() not in (b"0", b"0.0", b""))
+    n_rows = max(len(body), size * ratio / (sum(len(line) for line in body) / len(body)))
+    per_row = nonzero / len(body) * memory.CSR_BYTES_PER_VALUE
+    return int(n_rows * per_row + min(n_rows, _TABLE_ROWS) * n_cols * 8)  # + one float64 chunk
+
+
+_ESTIMATORS: dict[str, Callable[[Path], int]] = {
+    "h5ad": _estimate_h5ad, "10x_h5": _estimate_10x, "xy_h5": _estimate_xy, "mtx": _estimate_mtx,
+    "csv": lambda p: _estimate_table(p, b","), "tsv": lambda p: _estimate_table(p, b"\t"),
+}
 
 
 # ----------------------------------------------------------------------------- format guessing

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import buckets
+from . import buckets, resources
 from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
@@ -104,6 +104,10 @@ class SCHashFormer:
         if self.n_clusters > adata.n_obs:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
         cfg, device = self.config, resolve(self.device)
+        counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
+        resources.check_fits(resources.fit_bytes(counts, self.n_clusters, cfg),
+                             f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
+                             "free memory, use a machine with more, or cluster a subset of the cells")
         self._seed_everything()
         rng = np.random.default_rng(self.seed)
         self.timings_ = {}
