@@ -135,6 +135,13 @@ def test_resume_without_checkpoint_starts_afresh_and_other_runs_are_refused(tmp_
         SCHashFormer(3, seed=0, **kwargs).fit(simulate_counts(120, 80, seed=5), resume=True)
 
 
+def test_resume_needs_a_checkpoint_dir():
+    from schashformer.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=r"^resume=True needs checkpoint_dir="):
+        SCHashFormer(3, progress=False, **SMALL).fit(simulate_counts(50, 40), resume=True)
+
+
 def nan_at(monkeypatch, call: int) -> None:
     """Make stage 2's ZINB loss NaN at its ``call``-th evaluation (0-based)."""
     real, calls = train.zinb_nll, []

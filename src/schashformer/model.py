@@ -103,6 +103,8 @@ class SCHashFormer:
             raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r}")
         if self.n_clusters > adata.n_obs:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
+        if resume and self.checkpoint_dir is None:
+            raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         cfg, device = self.config, resolve(self.device)
         counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
         resources.check_fits(resources.fit_bytes(counts, self.n_clusters, cfg),
