@@ -19,7 +19,7 @@ def fitted():
 
 def test_recovers_simulated_types(fitted):
     adata, model = fitted
-    assert model.labels_.shape == (400,) and model.embedding_.shape == (400, model.config.latent)
+    assert model.labels_.shape == (400,) and model.embedding_.shape == (400, model.config.hash_latent + model.config.token_pcs)
     assert np.isfinite(model.embedding_).all()
     assert adjusted_rand_score(adata.obs["label"], model.labels_) > 0.9
 
@@ -76,7 +76,7 @@ def test_save_load_predict(fitted, tmp_path):
 def test_predict_new_cells(fitted):
     _, model = fitted
     new = simulate_counts(n_cells=150, n_genes=200, n_types=3, seed=1)[:150]
-    assert model.predict(new).shape == (150,) and model.transform(new).shape == (150, model.config.latent)
+    assert model.predict(new).shape == (150,) and model.transform(new).shape == (150, model.encoder_.n_latent)
 
 
 def test_bad_parameters(sim):
@@ -148,3 +148,17 @@ def test_token_residual_starts_from_the_stage1_token():
     assert torch.equal(enc(x, mask, n_query=5), x[:, -5:])
     with pytest.raises(ValueError, match="n_latent == input size"):
         NeighbourhoodEncoder(8, n_latent=4, token_residual=True)
+
+
+def test_token_pcs_tokens_saved_and_loaded(tmp_path):
+    """Stage-2 tokens = hidden + scaled principal components; z has the token's width; round trip."""
+    adata = simulate_counts(n_cells=200, n_genes=120, seed=8)
+    params = {**FAST, "token_pcs": 6, "token_residual": True}
+    model = SCHashFormer(3, seed=0, progress=False, **params).fit(adata)
+    assert model.token_axes_.shape == (len(model.stats_.genes), 6)
+    assert model.embedding_.shape == (200, model.config.hash_latent + 6)
+    model.save(tmp_path / "m")
+    loaded = SCHashFormer.load(tmp_path / "m", device="cpu")
+    assert loaded.token_scale_ == model.token_scale_
+    assert np.allclose(loaded.transform(adata), model.transform(adata), atol=1e-5)
+    assert (loaded.predict(adata) == model.predict(adata)).all()

@@ -6,6 +6,7 @@ import pytest
 from schashformer import tl
 from schashformer.cli import main
 from schashformer.errors import InputError, ParameterError
+from schashformer.train import TrainConfig
 from tests.conftest import FAST, simulate_counts
 
 FAST_ARGS = [a for k, v in FAST.items() for a in ("--param", f"{k}={v}")]
@@ -13,7 +14,8 @@ FAST_ARGS = [a for k, v in FAST.items() for a in ("--param", f"{k}={v}")]
 
 def test_tl_cluster_writes_keys_and_metrics(sim):
     tl.cluster(sim, 3, labels_key="label", progress=False, **FAST)
-    assert sim.obsm["X_schashformer"].shape == (300, FAST["latent"])
+    # z = own token (stage-1 hidden + principal components) + attention update
+    assert sim.obsm["X_schashformer"].shape == (300, FAST["hash_latent"] + TrainConfig().token_pcs)
     assert sim.obs["schashformer"].dtype.name == "category" and sim.obs["schashformer"].nunique() <= 3
     assert sim.obsm["schashformer_codes"].shape == (300, 3)
     rec = sim.uns["schashformer"]

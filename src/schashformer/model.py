@@ -25,7 +25,7 @@ from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
 from .checkpoint import PHASES, Checkpointer, fingerprint_arrays
 from .preprocess import GeneStats, Prepared, prepare, principal_axes
-from .train import Stage2, TrainConfig, hash_cells, sorted_orders, train_indexer
+from .train import Stage2, TrainConfig, hash_cells, sorted_orders, token_features, train_indexer
 from .validate import check_adata, check_params, is_int, one_line, resolve
 
 log = logging.getLogger(__name__)
@@ -163,13 +163,10 @@ class SCHashFormer:
             self._warn_few_buckets(codes)
 
         with self._stage("stage2_encoder"):
-            self.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent,
-                                                 cfg.layers, cfg.dropout, cfg.token_residual).to(device)
-            self.decoder_ = ZINBDecoder(cfg.latent, prep.n_genes, cfg.hidden // 2, n_batches).to(device)
-            if cfg.token_residual:  # z starts as the stage-1 hidden layer, so start from its decoder too
-                self.decoder_.load_state_dict(self.indexer_.decoder.state_dict())
-            self.head_ = ClusterHead(self.n_clusters, cfg.latent).to(device)
-            stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, hidden, sorted_orders(codes, h), cfg, rng)
+            self.token_axes_ = None if cfg.token_pcs == 0 else principal_axes(prep, cfg.token_pcs).astype(np.float32)
+            tokens, self.token_scale_ = token_features(prep, hidden, self.token_axes_)
+            self._build_stage2(tokens.shape[1], prep.n_genes, n_batches, device)
+            stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, tokens, sorted_orders(codes, h), cfg, rng)
             if ckpt is not None:
                 ckpt.modules.update(encoder=self.encoder_, decoder=self.decoder_, head=self.head_)
             if past("pretrain_done"):
@@ -245,9 +242,19 @@ class SCHashFormer:
     def _embed(self, prep: Prepared) -> np.ndarray:
         data = CellData(prep, device=self.head_.centres.device)
         codes, h, hidden = hash_cells(self.indexer_, data, self.config.infer_batch)
-        stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, hidden, sorted_orders(codes, h), self.config,
+        tokens, _ = token_features(prep, hidden, self.token_axes_, self.token_scale_)
+        stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, tokens, sorted_orders(codes, h), self.config,
                         np.random.default_rng(self.seed))
         return stage2.embed_all()
+
+    def _build_stage2(self, token_width: int, n_genes: int, n_batches: int, device) -> None:
+        """Encoder, decoder and clustering head; with ``token_residual`` z has the token's width."""
+        cfg = self.config
+        z_dim = token_width if cfg.token_residual else cfg.latent
+        self.encoder_ = NeighbourhoodEncoder(token_width, cfg.d_model, cfg.attn_heads, z_dim, cfg.layers, cfg.dropout,
+                                             cfg.token_residual).to(device)
+        self.decoder_ = ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
+        self.head_ = ClusterHead(self.n_clusters, z_dim).to(device)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -268,6 +275,8 @@ class SCHashFormer:
             "indexer": self.indexer_.state_dict(), "encoder": self.encoder_.state_dict(),
             "decoder": self.decoder_.state_dict(), "head": self.head_.state_dict(),
         }
+        if self.token_axes_ is not None:
+            state["tokens"] = {"axes": torch.from_numpy(self.token_axes_), "scale": float(self.token_scale_)}
         tmp = target.with_name("." + _MODEL_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(target)
@@ -307,10 +316,11 @@ class SCHashFormer:
         axes = state["indexer"].get("projection")
         model.indexer_ = LSHIndexer(n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads, state["n_bits"], n_batches,
                                     cfg.dropout, None if axes is None else torch.zeros_like(axes))
-        model.encoder_ = NeighbourhoodEncoder(cfg.hash_latent, cfg.d_model, cfg.attn_heads, cfg.latent, cfg.layers, cfg.dropout,
-                                              cfg.token_residual)
-        model.decoder_ = ZINBDecoder(cfg.latent, n_genes, cfg.hidden // 2, n_batches)
-        model.head_ = ClusterHead(model.n_clusters, cfg.latent)
+        tokens = state.get("tokens")
+        model.token_axes_ = None if tokens is None else tokens["axes"].numpy()
+        model.token_scale_ = None if tokens is None else tokens["scale"]
+        n_pcs = 0 if tokens is None else model.token_axes_.shape[1]
+        model._build_stage2(cfg.hash_latent + n_pcs, n_genes, n_batches, "cpu")
         for name in ("indexer", "encoder", "decoder", "head"):
             getattr(model, name + "_").load_state_dict(state[name])
         return model

@@ -53,13 +53,14 @@ class TrainConfig:
     d_model: int = 256
     attn_heads: int = 4
     layers: int = 1
-    latent: int = 32
-    token_residual: bool = False  # z = own stage-1 token + attention update (needs latent == hash_latent)
+    latent: int = 32  # width of z when token_residual is off (with it, z has the token's width)
+    token_pcs: int = 20  # >0: stage-2 tokens = stage-1 hidden + this many principal components
+    token_residual: bool = True  # z = the cell's own token + attention update
     stage2_pretrain_steps: int = 200
     stage2_cluster_steps: int = 200
     update_interval: int = 50  # steps between refreshes of the target distribution P
     tol: float = 0.001  # stop when fewer than this fraction of labels change between refreshes
-    w_consistency: float = 0.03  # stage-2 InfoNCE between two dropout passes; small for the same reason
+    w_consistency: float = 0.0  # stage-2 InfoNCE between two dropout passes (off: token_residual keeps z discriminative)
     alpha: float = 0.1  # weight of the KL clustering loss
     beta: float = 1.0  # weight of the ZINB loss in stage 2
     dropout: float = 0.1
@@ -81,13 +82,11 @@ class TrainConfig:
                      "d_model", "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs"):
+        for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.attn_heads:
             raise ParameterError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
-        if self.token_residual and self.latent != self.hash_latent:
-            raise ParameterError(f"token_residual needs latent == hash_latent, got {self.latent} and {self.hash_latent}")
         if self.init not in ("kmeans", "leiden"):
             raise ParameterError(f"init must be 'kmeans' or 'leiden', got {self.init!r}")
         if not 0 <= self.mask_rate < 1 or not 0 <= self.dropout < 1:
@@ -219,6 +218,25 @@ def hash_cells(indexer: LSHIndexer, data: CellData, batch: int) -> tuple[np.ndar
     return np.concatenate(codes), np.concatenate(hs), np.concatenate(hidden)
 
 
+def token_features(prep, hidden: np.ndarray, axes: np.ndarray | None, scale: float | None = None,
+                   batch: int = 65536) -> tuple[np.ndarray, float | None]:
+    """Stage-2 tokens (cells, hash_latent + P): the stage-1 hidden layer, then the standardised
+    expression projected on the fixed principal ``axes`` (genes, P), times ``scale``.
+
+    The linear part keeps variance that the count likelihood gives little weight to (many small
+    types of a shallow data set), the hidden part what only a non-linear encoder finds. With
+    ``scale`` None both parts get the same mean squared norm; the scale is returned so new
+    cells can be embedded alike. Computed in row batches: never a dense cells x genes copy.
+    """
+    if axes is None:
+        return hidden, None
+    pcs = np.concatenate([prep.standardised(np.arange(s, min(s + batch, prep.n_cells))) @ axes
+                          for s in range(0, prep.n_cells, batch)])
+    if scale is None:
+        scale = float(np.sqrt((hidden**2).sum(1).mean() / max((pcs**2).sum(1).mean(), 1e-12)))
+    return np.concatenate([hidden, scale * pcs], axis=1).astype(np.float32), scale
+
+
 def sorted_orders(codes: np.ndarray, h: np.ndarray) -> list[np.ndarray]:
     """One hash-sorted cell order per head; ties broken by the continuous code value."""
     weights = 2.0 ** -np.arange(h.shape[2])
@@ -275,7 +293,8 @@ class _ChunkCursor:
 class Stage2:
     """The neighbourhood encoder with its ZINB decoder and clustering head, and their passes.
 
-    Tokens are the cells' stage-1 hidden representations ``features`` (cells, n_latent):
+    Tokens are the cells' stage-1 hidden representations ``features`` (cells, n_latent), optionally
+    followed by principal components (``TrainConfig.token_pcs``, see :func:`token_features`):
     the hasher has already compressed the genes, so stage 2 attends over short vectors
     and only its ZINB decoder touches the gene dimension.
     """
@@ -394,7 +413,7 @@ class Stage2:
         self.encoder.eval()
         orders = self.orders if orders is None else orders
         n = len(orders[0])
-        z_sum = np.zeros((n, self.cfg.latent), dtype=np.float32)
+        z_sum = np.zeros((n, self.encoder.n_latent), dtype=np.float32)
         per_batch = max(1, self.cfg.infer_batch // self.cfg.chunk_size)
         for order in orders:
             chunks = buckets.chunk_index(order, self.cfg.chunk_size)

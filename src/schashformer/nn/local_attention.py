@@ -65,6 +65,7 @@ class NeighbourhoodEncoder(nn.Module):
         if token_residual and n_latent != n_genes:
             raise ValueError(f"token_residual needs n_latent == input size, got {n_latent} and {n_genes}")
         self.token_residual = token_residual
+        self.n_latent = n_latent
         self.input = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_genes, d_model))
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
         self.to_latent = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, n_latent))
