@@ -56,7 +56,7 @@ class TrainConfig:
     latent: int = 32  # width of z when token_residual is off (with it, z has the token's width)
     token_pcs: int = 20  # >0: stage-2 tokens = stage-1 hidden + this many principal components
     token_residual: bool = True  # z = the cell's own token + attention update
-    stage2_pretrain_steps: int = 200
+    stage2_pretrain_steps: int = 100
     stage2_cluster_steps: int = 200
     update_interval: int = 50  # steps between refreshes of the target distribution P
     tol: float = 0.001  # stop when fewer than this fraction of labels change between refreshes
