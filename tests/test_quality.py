@@ -10,9 +10,9 @@ def test_pbmc_default_quality_floor():
     adata = io.read_bundled_pbmc()
     tl.cluster(adata, 8, labels_key="label", seed=0, progress=False)
     m = adata.uns["schashformer"]["metrics"]
-    # scanpy Leiden at K=8: ARI 0.739 / NMI 0.761 (3 seeds); ours 0.776 / 0.766 (benchmarks/results).
-    # The floor sits below our worst seed (0.743 / 0.760) to leave room for platform noise.
-    assert m["ari"] >= 0.70 and m["nmi"] >= 0.72, m
+    # scanpy Leiden at K=8: ARI 0.739 / NMI 0.761 (3 seeds); ours 0.756 / 0.781 (benchmarks/results),
+    # seed 0 gave 0.782 / 0.800. The floor sits below our worst seed (0.698 / 0.752) for platform noise.
+    assert m["ari"] >= 0.70 and m["nmi"] >= 0.74, m
 
 
 @pytest.mark.slow
