@@ -252,7 +252,7 @@ class SCHashFormer:
         cfg = self.config
         z_dim = token_width if cfg.token_residual else cfg.latent
         self.encoder_ = NeighbourhoodEncoder(token_width, cfg.d_model, cfg.attn_heads, z_dim, cfg.layers, cfg.dropout,
-                                             cfg.token_residual).to(device)
+                                             cfg.token_residual, cfg.attention).to(device)
         self.decoder_ = ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
         self.head_ = ClusterHead(self.n_clusters, z_dim).to(device)
 

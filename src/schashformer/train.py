@@ -42,6 +42,7 @@ class TrainConfig:
     tau: float = 0.8
     mask_rate: float = 0.2
     input_noise: float = 2.5  # sd of Gaussian noise added to each view (scDeepCluster's denoising value)
+    w_zinb: float = 1.0  # weight of the stage-1 ZINB reconstruction; 0 drops the term (ablation)
     w_contrastive: float = 0.03  # small: the contrastive term's scale dwarfs the per-entry ZINB NLL
     bucket_weight: float = 1.0  # weight of same-bucket positives relative to the cell's own other view
     detach_codes: bool = False  # True: code losses train the hash heads only, not the encoder
@@ -56,6 +57,7 @@ class TrainConfig:
     latent: int = 32  # width of z when token_residual is off (with it, z has the token's width)
     token_pcs: int = 20  # >0: stage-2 tokens = stage-1 hidden + this many principal components
     token_residual: bool = True  # z = the cell's own token + attention update
+    attention: bool = True  # False (ablation): no attention between cells, each token passes the MLPs alone
     stage2_pretrain_steps: int = 100
     stage2_cluster_steps: int = 200
     update_interval: int = 50  # steps between refreshes of the target distribution P
@@ -91,6 +93,8 @@ class TrainConfig:
             raise ParameterError(f"init must be 'kmeans' or 'leiden', got {self.init!r}")
         if not 0 <= self.mask_rate < 1 or not 0 <= self.dropout < 1:
             raise ParameterError("mask_rate and dropout must be in [0, 1)")
+        if self.w_zinb < 0:
+            raise ParameterError(f"w_zinb must be >= 0, got {self.w_zinb}")
         if self.tau <= 0 or self.lr <= 0:
             raise ParameterError(f"tau and lr must be > 0, got tau={self.tau}, lr={self.lr}")
 
@@ -193,8 +197,12 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
                 x2 = x2 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
             terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight,
                                    detach_codes=cfg.detach_codes)
-            loss = (terms["zinb"] + cfg.w_contrastive * terms["contrastive"] + cfg.w_balance * terms["balance"]
-                    + cfg.w_quantisation * terms["quantisation"])
+            # w_zinb = 0 leaves the term out of the graph, so the decoder gets no gradient (and no
+            # weight-decay step); at the default 1.0 the sum is formed in the same order as before.
+            loss = cfg.w_contrastive * terms["contrastive"]
+            if cfg.w_zinb > 0:
+                loss = (terms["zinb"] if cfg.w_zinb == 1 else cfg.w_zinb * terms["zinb"]) + loss
+            loss = loss + cfg.w_balance * terms["balance"] + cfg.w_quantisation * terms["quantisation"]
             _step(opt, loss, params, cfg, "stage 1 (hashing)", step, checkpoint)
             if step % 10 == 0 or step == cfg.stage1_steps - 1:
                 history.append({"stage": 1, "step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})

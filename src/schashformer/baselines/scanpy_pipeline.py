@@ -103,6 +103,19 @@ def scanpy_leiden(adata: ad.AnnData, n_clusters: int | None = None, *, resolutio
         sc.pp.neighbors(a, n_neighbors=min(n_neighbors, a.n_obs - 1), random_state=seed)
     info["time_neighbors"] = time.perf_counter() - start
     start = time.perf_counter()
+    labels, resolution, calls = leiden_on_graph(a, n_clusters, resolution=resolution, seed=seed)
+    info.update(time_leiden=time.perf_counter() - start, resolution=float(resolution),
+                n_clusters_found=int(labels.max() + 1), n_leiden_calls=calls)
+    return labels, info
+
+
+def leiden_on_graph(a: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 1.0, seed: int = 0):
+    """Leiden on the neighbour graph already in ``a`` (``sc.pp.neighbors``), at ``resolution`` or,
+    with ``n_clusters``, at the resolution giving that many clusters (bisection in [0.01, 5], at most
+    25 Leiden runs; if K is never hit, the closest count wins, the larger resolution on a tie).
+
+    Returns (labels (cells,) int, resolution used, number of Leiden runs).
+    """
     labels = _leiden(a, resolution, seed)
     calls = 1
     if n_clusters is not None:
@@ -124,9 +137,7 @@ def scanpy_leiden(adata: ad.AnnData, n_clusters: int | None = None, *, resolutio
             if candidate[:2] < best[:2]:
                 best = candidate
         _, _, resolution, labels = best
-    info.update(time_leiden=time.perf_counter() - start, resolution=float(resolution),
-                n_clusters_found=int(labels.max() + 1), n_leiden_calls=calls)
-    return labels, info
+    return labels, resolution, calls
 
 
 def pca_kmeans(adata: ad.AnnData, n_clusters: int, *, seed: int = 0, n_top_genes: int = 2000, n_pcs: int = 50):

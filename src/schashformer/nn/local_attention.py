@@ -57,14 +57,18 @@ class NeighbourhoodEncoder(nn.Module):
     token_residual : z = the query's own input token + a learned update (needs n_latent ==
         n_genes). The update starts at zero, so training starts from the stage-1
         representation and attention can only add to it, not replace it.
+    attention : False (ablation) skips the attention sub-layer of every block: each query token
+        goes through the input projection, the feed-forward sub-layers and the output layer
+        alone, so z depends on the cell's own token only. The attention weights are still
+        built (same parameter initialisation), never called.
     """
 
     def __init__(self, n_genes: int, d_model: int = 256, n_heads: int = 4, n_latent: int = 32,
-                 n_layers: int = 1, dropout: float = 0.1, token_residual: bool = False):
+                 n_layers: int = 1, dropout: float = 0.1, token_residual: bool = False, attention: bool = True):
         super().__init__()
         if token_residual and n_latent != n_genes:
             raise ValueError(f"token_residual needs n_latent == input size, got {n_latent} and {n_genes}")
-        self.token_residual = token_residual
+        self.token_residual, self.attention = token_residual, attention
         self.n_latent = n_latent
         self.input = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_genes, d_model))
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
@@ -78,10 +82,12 @@ class NeighbourhoodEncoder(nn.Module):
 
         The first T - C tokens are context only (the previous chunk).
         """
-        tokens = self.input(x)
         c = n_query
+        if not self.attention:  # context tokens are only ever read by attention: drop them
+            x, key_mask = x[:, -c:], key_mask[:, -c:]
+        tokens = self.input(x)
         for block in self.blocks:
-            tokens = block(tokens, key_mask, n_query=c)
+            tokens = block(tokens, key_mask, n_query=c, attend=self.attention)
         z = self.to_latent(tokens[:, -c:])
         return x[:, -c:] + z if self.token_residual else z
 
@@ -100,9 +106,12 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Dropout(dropout),
                                 nn.Linear(2 * d_model, d_model))
 
-    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
-        normed = self.ln_attn(tokens)
+    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor, n_query: int, attend: bool = True) -> torch.Tensor:
+        """tokens (B, T, d) with the n_query query tokens last -> (B, T, d); ``attend=False`` skips attention."""
         # Context tokens keep their value; only query tokens are updated.
-        query = tokens[:, -n_query:] + self.attn(normed[:, -n_query:], normed, key_mask)
+        query = tokens[:, -n_query:]
+        if attend:
+            normed = self.ln_attn(tokens)
+            query = query + self.attn(normed[:, -n_query:], normed, key_mask)
         query = query + self.ff(self.ln_ff(query))
         return torch.cat([tokens[:, :-n_query], query], dim=1) if tokens.shape[1] > n_query else query
