@@ -1,0 +1,52 @@
+"""Smoke test of benchmarks/quality.py: its worker and its table/plot writer on a small simulated data set."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schashformer import io
+from tests.conftest import FAST, simulate_counts
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worker_and_outputs(quality, tmp_path):
+    path = tmp_path / "sim.h5ad"
+    adata = simulate_counts(n_cells=240, n_genes=150, n_types=3, seed=2)
+    adata.obs.loc[adata.obs_names[:5], "label"] = np.nan  # unlabeled cells are left out for every method
+    io.write_h5ad(adata, path)
+    base = {"path": str(path), "dataset": "sim", "seed": 0}
+    params = {"scHashFormer, no attention": FAST,
+              "ZINB-DEC (scDeepCluster-style)": dict(pretrain_steps=60, cluster_steps=20, noise_sd=0.5,
+                                                     hidden=(32,), latent=8, decoder_hidden=32, kmeans_n_init=2)}
+    rows = []
+    # scanpy's Leiden rows are left out: its first neighbour search compiles for ~30 s
+    for method in ("PCA(50) + k-means", "scHashFormer, no attention", "ZINB-DEC (scDeepCluster-style)",
+                   quality.SCVI_LEIDEN):
+        rows += quality.run_task({**base, "method": method, "params": params.get(method)})
+    by_method = {r["method"]: r for r in rows}
+    for method in ("PCA(50) + k-means", "scHashFormer, no attention", "ZINB-DEC (scDeepCluster-style)"):
+        r = by_method[method]
+        assert r["status"] == "ok" and r["n_cells"] == 235 and r["K"] == 3 and r["n_unlabeled"] == 0
+        assert 0 <= r["nmi"] <= 1 and r["seconds"] > 0 and r["peak_rss_gib"] > 0
+    assert by_method["PCA(50) + k-means"]["ari"] > 0.9
+    r = by_method["scHashFormer, no attention"]
+    assert 0 <= r["purity"] <= 1 and len(r["purity_heads"].split()) == FAST.get("hash_heads", 3)
+    assert by_method[quality.SCVI_KMEANS]["status"] in ("ok", "not installed")  # scVI rows come in pairs
+
+    header = ["# test", "", "smoke"]
+    text = quality.write_outputs(rows, tmp_path / "out", header, {"sim": quality.chance_purity(adata.obs["label"].dropna())})
+    assert "| sim | PCA(50) + k-means |" in text and "Hash bucket purity" in text
+    assert (tmp_path / "out" / "quality.csv").exists()
+    for metric in quality.METRICS:
+        assert (tmp_path / "out" / f"quality_{metric}.png").stat().st_size > 0
