@@ -270,6 +270,8 @@ def write_outputs(rows: list[dict], out: Path, header: list[str], chance: dict[s
         purity = schf.groupby(["dataset", "method"]).agg(
             purity=("purity", "mean"), purity_sd=("purity", "std"), n_buckets=("n_buckets", "mean")).reset_index()
         purity["chance"] = purity["dataset"].map(chance)
+        purity = purity.sort_values(["dataset", "method"], key=lambda c: c.map(METHODS.index) if c.name == "method" else c,
+                                    ignore_index=True)
     published = HERE / "PUBLISHED.md"
     text = markdown(summary, purity, header, published.read_text() if published.exists() else None)
     (out / "quality.md").write_text(text)
