@@ -24,7 +24,7 @@ from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
 from .checkpoint import PHASES, Checkpointer, fingerprint_arrays
-from .preprocess import GeneStats, Prepared, prepare, principal_axes
+from .preprocess import GeneStats, Prepared, expand_to_cells, prepare, principal_axes
 from .train import Stage2, TrainConfig, hash_cells, sorted_orders, token_features, train_indexer
 from .validate import check_adata, check_params, is_int, one_line, resolve
 
@@ -191,7 +191,7 @@ class SCHashFormer:
                     ckpt.save("centres", history2=stage2.history)
             if at("centres"):
                 ckpt.restore_rngs(state)
-            self.kmeans_labels_ = self._expand(kmeans_labels, prep.cell_mask, -1)
+            self.kmeans_labels_ = expand_to_cells(kmeans_labels, prep.cell_mask, -1)
             if past("done"):
                 ckpt.load_modules(state)
                 stage2.history = list(state["history2"])
@@ -203,9 +203,9 @@ class SCHashFormer:
             q = stage2.soft_assign_all(z)
 
         self.history_ = history + stage2.history
-        self.codes_ = self._expand(codes, prep.cell_mask, -1)
-        self.embedding_ = self._expand(z, prep.cell_mask, 0.0)
-        self.labels_ = self._expand(q.argmax(1), prep.cell_mask, -1)
+        self.codes_ = expand_to_cells(codes, prep.cell_mask, -1)
+        self.embedding_ = expand_to_cells(z, prep.cell_mask, 0.0)
+        self.labels_ = expand_to_cells(q.argmax(1), prep.cell_mask, -1)
         self.n_removed_cells_ = int((~prep.cell_mask).sum())
         self.max_attention_elements_ = self.encoder_.max_scores_numel
         self._fitted = True
@@ -227,7 +227,7 @@ class SCHashFormer:
         self._check_fitted()
         prep = prepare(adata, layer=layer, allow_noncounts=self.allow_noncounts, stats=self.stats_)
         z = self._embed(prep)
-        return self._expand(z, prep.cell_mask, 0.0)
+        return expand_to_cells(z, prep.cell_mask, 0.0)
 
     def predict(self, adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
         """Cluster of each new cell (argmax of the soft assignment); -1 for cells with zero counts."""
@@ -237,7 +237,7 @@ class SCHashFormer:
         with torch.no_grad():
             self.head_.eval()
             q = self.head_(torch.from_numpy(z).to(self.head_.centres.device)).cpu().numpy()
-        return self._expand(q.argmax(1), prep.cell_mask, -1)
+        return expand_to_cells(q.argmax(1), prep.cell_mask, -1)
 
     def _embed(self, prep: Prepared) -> np.ndarray:
         data = CellData(prep, device=self.head_.centres.device)
@@ -382,12 +382,3 @@ class SCHashFormer:
             raise InputError(f"batch_key {batch_key!r} has {int(col.isna().sum())} missing values")
         cats = pd.Categorical(col.astype(str))
         return cats.codes[cell_mask].astype(np.int64), list(cats.categories)
-
-    @staticmethod
-    def _expand(values: np.ndarray, mask: np.ndarray, fill) -> np.ndarray:
-        """Rows for all input cells: ``values`` where ``mask``, ``fill`` elsewhere."""
-        if mask.all():
-            return values
-        out = np.full((mask.size,) + values.shape[1:], fill, dtype=values.dtype)
-        out[mask] = values
-        return out

@@ -278,3 +278,12 @@ def principal_axes(prepared: Prepared, n_comps: int, chunk: int = 65536) -> np.n
     axes = vecs[:, ::-1][:, :n_comps]
     axes *= np.sign(axes[np.abs(axes).argmax(0), np.arange(n_comps)])  # deterministic signs
     return axes.astype(np.float32)
+
+
+def expand_to_cells(values: np.ndarray, cell_mask: np.ndarray, fill) -> np.ndarray:
+    """Rows for all input cells: ``values`` (kept cells, ...) where ``cell_mask``, ``fill`` elsewhere."""
+    if cell_mask.all():
+        return values
+    out = np.full((cell_mask.size,) + values.shape[1:], fill, dtype=values.dtype)
+    out[cell_mask] = values
+    return out

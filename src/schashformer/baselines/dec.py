@@ -29,7 +29,7 @@ from ..data import CellData
 from ..errors import ParameterError
 from ..nn import ClusterHead, ZINBDecoder, target_distribution, zinb_nll
 from ..nn.cluster_head import kl_loss
-from ..preprocess import prepare
+from ..preprocess import expand_to_cells, prepare
 
 
 class ZINBDEC:
@@ -136,9 +136,9 @@ class ZINBDEC:
         self.timings_["cluster"] = time.perf_counter() - start
 
         mask = prep.cell_mask
-        self.embedding_ = self._expand(z, mask, 0.0)
-        self.labels_ = self._expand(self._soft_assign(z).argmax(1).astype(np.int64), mask, -1)
-        self.kmeans_labels_ = self._expand(kmeans_labels, mask, -1)
+        self.embedding_ = expand_to_cells(z, mask, 0.0)
+        self.labels_ = expand_to_cells(self._soft_assign(z).argmax(1).astype(np.int64), mask, -1)
+        self.kmeans_labels_ = expand_to_cells(kmeans_labels, mask, -1)
         return self
 
     def _cluster(self, data: CellData, rng: np.random.Generator, gen: torch.Generator,
@@ -172,13 +172,13 @@ class ZINBDEC:
     def transform(self, adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
         """Embedding (cells, latent) of cells measured on the training genes (zeros for empty cells)."""
         prep = prepare(adata, layer=layer, stats=self.stats_)
-        return self._expand(self._embed_prepared(CellData(prep, device=self.device)), prep.cell_mask, 0.0)
+        return expand_to_cells(self._embed_prepared(CellData(prep, device=self.device)), prep.cell_mask, 0.0)
 
     def predict(self, adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
         """Cluster (argmax q) of each cell (cells,); -1 for cells with zero counts on the model's genes."""
         prep = prepare(adata, layer=layer, stats=self.stats_)
         z = self._embed_prepared(CellData(prep, device=self.device))
-        return self._expand(self._soft_assign(z).argmax(1).astype(np.int64), prep.cell_mask, -1)
+        return expand_to_cells(self._soft_assign(z).argmax(1).astype(np.int64), prep.cell_mask, -1)
 
     # ------------------------------------------------------------------ helpers
     def _rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -217,11 +217,3 @@ class ZINBDEC:
     def _soft_assign(self, z: np.ndarray) -> np.ndarray:
         """q (cells, K) of embeddings z (cells, latent)."""
         return self.head_(torch.from_numpy(z).to(self.device)).cpu().numpy()
-
-    @staticmethod
-    def _expand(values: np.ndarray, mask: np.ndarray, fill) -> np.ndarray:
-        if mask.all():
-            return values
-        out = np.full((mask.size,) + values.shape[1:], fill, dtype=values.dtype)
-        out[mask] = values
-        return out
