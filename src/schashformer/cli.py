@@ -1,4 +1,4 @@
-"""Command line: ``schashformer cluster INPUT --n-clusters K --out DIR``, ``schashformer rerun RESULT.h5ad
+"""Command line: ``schashformer cluster INPUT [--n-clusters K | --resolution R] --out DIR``, ``schashformer rerun RESULT.h5ad
 --out DIR`` and ``schashformer demo``.
 
 Results are written to a hidden staging directory next to ``--out`` and renamed into place
@@ -53,7 +53,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("cluster", help="cluster a count matrix and write results to --out")
     run.add_argument("input", help=".h5ad, X/Y .h5, 10x .h5, Matrix Market dir/.mtx, or .csv/.tsv(.gz)")
-    run.add_argument("--n-clusters", type=int, required=True, help="number of clusters K")
+    run.add_argument("--n-clusters", type=int, default=None,
+                     help="number of clusters K (default: estimated by Leiden on the hash-neighbourhood graph)")
+    run.add_argument("--resolution", type=float, default=1.0,
+                     help="without --n-clusters: Leiden resolution, > 0 (default 1.0; higher: more, finer clusters)")
     run.add_argument("--out", required=True, help="output directory")
     _common(run)
     run.add_argument("--format", default=None, help="input format (h5ad, xy_h5, 10x_h5, mtx, csv, tsv); default: guess")
@@ -132,7 +135,7 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)  # onto a new name or an empty directory
 
 
-def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key=None, layer=None,
+def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float = 1.0, labels_key=None, batch_key=None, layer=None,
                 n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
                 umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
                 reference_labels=None, resume: bool = False, checkpoint_every: int = 100) -> dict:
@@ -149,7 +152,7 @@ def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key
     from . import tl
 
     check_out_dir(out, overwrite, resume)
-    _, model = tl.cluster(adata, n_clusters, labels_key=labels_key, batch_key=batch_key, layer=layer,
+    _, model = tl.cluster(adata, n_clusters, resolution=resolution, labels_key=labels_key, batch_key=batch_key, layer=layer,
                           n_top_genes=n_top_genes, seed=seed, device=device, allow_noncounts=allow_noncounts,
                           progress=progress, return_model=True, overwrite=overwrite,
                           checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=checkpoint_every, keep_checkpoint=True,
@@ -160,7 +163,7 @@ def run_cluster(adata, *, n_clusters: int, out: Path, labels_key=None, batch_key
                            "transpose": bool(source.get("transpose", False))}
     report = {
         "input": input_name, "n_cells": int(adata.n_obs), "n_genes_input": int(adata.n_vars),
-        "n_clusters": int(n_clusters), "seed": seed,
+        "n_clusters": int(model.n_clusters_), "n_clusters_estimated": n_clusters is None, "seed": seed,
         "metrics": record.get("metrics", {}),
         "timings": {"read": {"seconds": round(read_seconds, 3)}, **model.timings_},
         "bucket_stats": model.bucket_stats_,
@@ -236,8 +239,8 @@ def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device:
     if checksum != rec["data_checksum"]:
         raise InputError(f"{path}: the counts differ from those of the recorded run (checksum {checksum[:19]}... now, "
                          f"{str(rec['data_checksum'])[:19]}... recorded); refusing to re-run on other data")
-    run = {k: args.pop(k) for k in ("n_clusters", "labels_key", "batch_key", "layer", "n_top_genes", "seed",
-                                    "allow_noncounts")}
+    run = {k: args.pop(k) for k in ("n_clusters", "resolution", "labels_key", "batch_key", "layer", "n_top_genes", "seed",
+                                    "allow_noncounts") if k in args}  # older records lack "resolution"
     recorded_device = record.plain(rec["params"].get("device_used")) or "auto"
     return run_cluster(adata, out=out, device=device or recorded_device, params=args, overwrite=overwrite, umap=umap,
                        progress=progress, input_name=str(path), reference_labels=labels,
@@ -259,6 +262,8 @@ def _jsonable(obj):
 
 def _print_report(report: dict, out: Path) -> None:
     m = report["metrics"]
+    if report.get("n_clusters_estimated"):
+        print(f"estimated number of clusters: {report['n_clusters']}")
     if m:
         print("scores: " + "  ".join(f"{k.upper()} {m[k]:.3f}" for k in ("ari", "nmi", "acc", "f1_macro") if k in m))
     total = sum(v["seconds"] for v in report["timings"].values())
@@ -287,14 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if args.command == "demo":
             adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
-            n_clusters, labels_key = 8, args.labels_key or "label"
+            n_clusters, labels_key, resolution = 8, args.labels_key or "label", 1.0
             source = {"path": io.bundled_pbmc_path(), "format": "xy_h5"}
         else:
             adata = io.read(args.input, format=args.format, transpose=args.transpose)
-            name, n_clusters, labels_key = args.input, args.n_clusters, args.labels_key
+            name, n_clusters, labels_key, resolution = args.input, args.n_clusters, args.labels_key, args.resolution
             source = {"path": args.input, "format": args.format, "transpose": args.transpose}
         print(f"read {name}: {adata.n_obs} cells x {adata.n_vars} genes")
-        report = run_cluster(adata, n_clusters=n_clusters, out=out, labels_key=labels_key,
+        report = run_cluster(adata, n_clusters=n_clusters, resolution=resolution, out=out, labels_key=labels_key,
                              batch_key=args.batch_key, layer=args.layer, n_top_genes=args.n_top_genes,
                              seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
                              params=_parse_params(args.param), overwrite=args.overwrite, umap=not args.no_umap,

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from . import buckets, resources
+from . import n_clusters as n_clusters_mod
 from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
@@ -41,7 +42,11 @@ class SCHashFormer:
 
     Parameters
     ----------
-    n_clusters : number of clusters K (2 <= K <= cells).
+    n_clusters : number of clusters K (2 <= K <= cells), or None to estimate it: after stage-2
+        pre-training, Leiden on the hash-neighbourhood kNN graph of z at ``resolution`` gives K
+        and the partition that initialises the clustering head (:mod:`schashformer.n_clusters`).
+    resolution : Leiden resolution used when ``n_clusters`` is None (> 0; default 1.0): higher
+        gives more, finer clusters, lower fewer, coarser ones. Ignored when K is given.
     n_top_genes : highly variable genes used as input (all genes if fewer).
     seed : random seed; fixes every random choice on the CPU.
     device : 'auto' (CUDA when available), 'cpu' or 'cuda'.
@@ -59,6 +64,7 @@ class SCHashFormer:
     Attributes after ``fit``
     ------------------------
     labels_ : (cells,) cluster of each input cell (-1 for cells with zero counts).
+    n_clusters_ : the number of clusters used: ``n_clusters``, or the estimate when it was None.
     embedding_ : (cells, latent) embedding z (zeros for cells with zero counts).
     codes_ : (cells, hash_heads) hash bucket ids.
     bucket_stats_ : list of per-head bucket statistics.
@@ -66,15 +72,18 @@ class SCHashFormer:
     history_ : training losses.
     """
 
-    def __init__(self, n_clusters: int, *, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
-                 allow_noncounts: bool = False, progress: bool = True, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int = 100, keep_checkpoint: bool = False, **params):
+    def __init__(self, n_clusters: int | None = None, *, resolution: float = 1.0, n_top_genes: int = 2000,
+                 seed: int = 0, device: str = "auto", allow_noncounts: bool = False, progress: bool = True,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100, keep_checkpoint: bool = False,
+                 **params):
         check_params(params)
+        self.resolution = n_clusters_mod.check_resolution(resolution)
         for name, value, low in (("seed", seed, 0), ("n_top_genes", n_top_genes, 1),
                                  ("checkpoint_every", checkpoint_every, 0)):
             if not is_int(value) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
         self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
+        self.n_clusters_ = n_clusters  # the K used: None until fit estimates it when not given
         self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every, self.keep_checkpoint = checkpoint_every, keep_checkpoint
@@ -99,15 +108,17 @@ class SCHashFormer:
                 raise InputError(f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
             if key is not None and adata.n_obs and adata.obs[key].isna().all():
                 raise InputError(f"{what} {key!r}: every value is missing")
-        if not is_int(self.n_clusters) or self.n_clusters < 2:
-            raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r}")
-        if self.n_clusters > adata.n_obs:
+        known_k = self.n_clusters is not None
+        if known_k and (not is_int(self.n_clusters) or self.n_clusters < 2):
+            raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r} "
+                                 "(or None to estimate it)")
+        if known_k and self.n_clusters > adata.n_obs:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
         if resume and self.checkpoint_dir is None:
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         cfg, device = self.config, resolve(self.device)
         counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
-        resources.check_fits(resources.fit_bytes(counts, self.n_clusters, cfg),
+        resources.check_fits(resources.fit_bytes(counts, self.n_clusters or n_clusters_mod.MEMORY_K, cfg),
                              f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
                              "free memory, use a machine with more, or cluster a subset of the cells")
         self._seed_everything()
@@ -116,7 +127,7 @@ class SCHashFormer:
 
         with self._stage("preprocess"):
             prep = prepare(adata, n_top_genes=self.n_top_genes, layer=layer, allow_noncounts=self.allow_noncounts)
-            if prep.n_cells < self.n_clusters:
+            if known_k and prep.n_cells < self.n_clusters:
                 raise ParameterError(f"n_clusters={self.n_clusters} exceeds the {prep.n_cells} cells with counts")
             batch_index, self.batch_categories_ = self._batches(adata, batch_key, prep.cell_mask)
             data = CellData(prep, batch_index, len(self.batch_categories_), device)
@@ -160,15 +171,20 @@ class SCHashFormer:
                 ckpt.restore_rngs(state)
             labels = None if labels_key is None else np.asarray(adata.obs[labels_key])[prep.cell_mask]
             self.bucket_stats_ = buckets.bucket_stats(codes, labels)
-            self._warn_few_buckets(codes)
+            if known_k:
+                self._warn_few_buckets(codes)
 
         with self._stage("stage2_encoder"):
             self.token_axes_ = None if cfg.token_pcs == 0 else principal_axes(prep, cfg.token_pcs).astype(np.float32)
             tokens, self.token_scale_ = token_features(prep, hidden, self.token_axes_)
+            # unknown K: the clustering head is built once K is estimated, after pre-training
+            self.n_clusters_ = self.n_clusters
             self._build_stage2(tokens.shape[1], prep.n_genes, n_batches, device)
             stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, tokens, sorted_orders(codes, h), cfg, rng)
             if ckpt is not None:
-                ckpt.modules.update(encoder=self.encoder_, decoder=self.decoder_, head=self.head_)
+                ckpt.modules.update(encoder=self.encoder_, decoder=self.decoder_)
+                if known_k:
+                    ckpt.modules["head"] = self.head_
             if past("pretrain_done"):
                 ckpt.load_modules(state)
                 stage2.history = list(state["history2"])
@@ -180,11 +196,18 @@ class SCHashFormer:
                 ckpt.restore_rngs(state)
 
         with self._stage("stage2_clustering"):
+            if not known_k:
+                estimated = self._estimate_k(stage2, state if past("centres") else None)
+                if ckpt is not None:
+                    ckpt.modules["head"] = self.head_
+                    ckpt.extra["n_clusters_estimated"] = int(self.n_clusters_)
             if past("centres"):
                 ckpt.load_modules(state)
                 kmeans_labels = state["kmeans_labels"].numpy()
-            else:
+            elif known_k:
                 kmeans_labels = stage2.init_centres(self.seed)
+            else:
+                kmeans_labels = estimated  # _estimate_k placed the centres on this partition
             if ckpt is not None:
                 ckpt.extra["kmeans_labels"] = torch.from_numpy(np.asarray(kmeans_labels, dtype=np.int64))
                 if not past("centres"):
@@ -248,13 +271,35 @@ class SCHashFormer:
         return stage2.embed_all()
 
     def _build_stage2(self, token_width: int, n_genes: int, n_batches: int, device) -> None:
-        """Encoder, decoder and clustering head; with ``token_residual`` z has the token's width."""
+        """Encoder, decoder and clustering head; with ``token_residual`` z has the token's width.
+
+        The head needs K: with ``n_clusters_`` still None (K to be estimated) it is left None.
+        """
         cfg = self.config
         z_dim = token_width if cfg.token_residual else cfg.latent
         self.encoder_ = NeighbourhoodEncoder(token_width, cfg.d_model, cfg.attn_heads, z_dim, cfg.layers, cfg.dropout,
                                              cfg.token_residual, cfg.attention).to(device)
         self.decoder_ = ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
-        self.head_ = ClusterHead(self.n_clusters, z_dim).to(device)
+        self.head_ = None if self.n_clusters_ is None else ClusterHead(self.n_clusters_, z_dim).to(device)
+
+    def _estimate_k(self, stage2: Stage2, state: dict | None) -> np.ndarray | None:
+        """Estimate K on the pre-trained z (or take it from a checkpoint ``state`` past that point),
+        build the clustering head for it and return the estimated partition (None when resumed)."""
+        if state is not None:
+            self.n_clusters_, labels = int(state["n_clusters_estimated"]), None
+        else:
+            cfg = self.config
+            z = stage2.embed_all()
+            self.n_clusters_, labels = n_clusters_mod.estimate(z, stage2.orders, cfg.chunk_size,
+                                                               resolution=self.resolution,
+                                                               n_neighbors=cfg.graph_neighbors, seed=self.seed)
+            log.info("estimated number of clusters: %d (resolution %g)", self.n_clusters_, self.resolution)
+        self.head_ = ClusterHead(self.n_clusters_, self.encoder_.n_latent).to(stage2.data.device)
+        stage2.head = self.head_
+        if labels is not None:  # the centres start at the centroids of the estimated partition
+            with torch.no_grad():
+                self.head_.centres.copy_(torch.from_numpy(n_clusters_mod.centroids(z, labels)))
+        return labels
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -266,12 +311,13 @@ class SCHashFormer:
             raise OutputExistsError(f"{target} already exists; pass overwrite=True to replace it")
         path.mkdir(parents=True, exist_ok=True)
         state = {
-            "init": {"n_clusters": int(self.n_clusters), "n_top_genes": self.n_top_genes, "seed": self.seed,
+            "init": {"n_clusters": self.n_clusters, "resolution": self.resolution, "n_top_genes": self.n_top_genes,
+                     "seed": self.seed,
                      "allow_noncounts": self.allow_noncounts, **self.config.to_dict()},
             "stats": {"genes": [str(g) for g in self.stats_.genes], "mean": torch.from_numpy(self.stats_.mean),
                       "std": torch.from_numpy(self.stats_.std), "median_library": float(self.stats_.median_library)},
             "batch_categories": list(map(str, self.batch_categories_)),
-            "n_bits": self.indexer_.n_bits,
+            "n_bits": self.indexer_.n_bits, "n_clusters_": int(self.n_clusters_),
             "indexer": self.indexer_.state_dict(), "encoder": self.encoder_.state_dict(),
             "decoder": self.decoder_.state_dict(), "head": self.head_.state_dict(),
         }
@@ -307,8 +353,10 @@ class SCHashFormer:
     def _from_state(cls, state: dict, device: str) -> "SCHashFormer":
         """Rebuild a model (on the CPU) from the dictionary :meth:`save` wrote."""
         init = dict(state["init"])
-        model = cls(init.pop("n_clusters"), n_top_genes=init.pop("n_top_genes"), seed=init.pop("seed"),
-                    allow_noncounts=init.pop("allow_noncounts"), device=device, progress=False, **init)
+        model = cls(init.pop("n_clusters"), resolution=init.pop("resolution", 1.0), n_top_genes=init.pop("n_top_genes"),
+                    seed=init.pop("seed"), allow_noncounts=init.pop("allow_noncounts"), device=device, progress=False,
+                    **init)
+        model.n_clusters_ = int(state.get("n_clusters_", model.n_clusters))
         cfg, st = model.config, state["stats"]
         model.stats_ = GeneStats(np.asarray(st["genes"]), st["mean"].numpy(), st["std"].numpy(), st["median_library"])
         model.batch_categories_ = state["batch_categories"]
@@ -354,7 +402,8 @@ class SCHashFormer:
         batch = np.zeros(0, np.int64) if data.batch_index is None else data.batch_index
         c = prep.counts
         fingerprint = {"version": __version__, "device_type": device.type, "seed": int(self.seed),
-                       "n_clusters": int(self.n_clusters), "n_top_genes": int(self.n_top_genes),
+                       "n_clusters": -1 if self.n_clusters is None else int(self.n_clusters),
+                       "resolution": float(self.resolution), "n_top_genes": int(self.n_top_genes),
                        "allow_noncounts": bool(self.allow_noncounts),
                        "params": repr(sorted(self.config.to_dict().items())),
                        "data": fingerprint_arrays(c.indptr, c.indices, c.data, prep.size_factors, prep.stats.mean,

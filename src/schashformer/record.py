@@ -20,7 +20,7 @@ from .errors import InputError
 
 _CHUNK = 1 << 22  # elements hashed per update (16-32 MiB)
 # tl.cluster arguments stored in params next to the TrainConfig fields; "" stands for None in h5ad
-RUN_ARGS = ("n_clusters", "n_top_genes", "seed", "labels_key", "batch_key", "layer", "allow_noncounts")
+RUN_ARGS = ("n_clusters", "resolution", "n_top_genes", "seed", "labels_key", "batch_key", "layer", "allow_noncounts")
 
 
 def data_checksum(x: sp.csr_matrix) -> str:

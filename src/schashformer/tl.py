@@ -16,7 +16,8 @@ from .preprocess import count_matrix
 from .validate import check_adata, resolve
 
 
-def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None, batch_key: str | None = None,
+def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 1.0,
+            labels_key: str | None = None, batch_key: str | None = None,
             layer: str | None = None, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
             key_added: str = "schashformer", allow_noncounts: bool = False, overwrite: bool = False,
             copy: bool = False, progress: bool = True, return_model: bool = False, checkpoint_dir=None,
@@ -26,7 +27,10 @@ def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None
     Parameters
     ----------
     adata : AnnData with raw counts (cells x genes) in ``.X`` or ``layer``.
-    n_clusters : number of clusters K.
+    n_clusters : number of clusters K; None (default) estimates it (Leiden on the hash-neighbourhood
+        graph of the embedding, see :mod:`schashformer.n_clusters`).
+    resolution : with ``n_clusters=None``, the Leiden resolution (> 0, default 1.0): higher gives more,
+        finer clusters, lower fewer, coarser ones.
     labels_key : ``obs`` column of known cell types; used only for evaluation (metrics).
     batch_key : ``obs`` column of batches, a covariate of the ZINB decoders.
     layer, n_top_genes, seed, device, allow_noncounts, **params : see :class:`SCHashFormer`.
@@ -43,7 +47,8 @@ def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None
     ``obsm[f"{key_added}_codes"]`` (cells, hash heads) bucket ids; ``uns[key_added]``, the run
     record (:mod:`schashformer.record`): ``version``, ``versions``, ``seed``, ``params`` (every
     argument above and every TrainConfig field, ``device_used``), ``data_checksum`` (SHA-256 of
-    the clustered count matrix), ``timings``, ``bucket_stats`` and, with labels, ``metrics``.
+    the clustered count matrix), ``timings``, ``bucket_stats``, with labels ``metrics`` and, when
+    ``n_clusters`` was None, ``n_clusters_estimated`` (also ``model.n_clusters_``).
 
     Returns
     -------
@@ -56,7 +61,7 @@ def cluster(adata: ad.AnnData, n_clusters: int, *, labels_key: str | None = None
     if taken and not overwrite:
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
 
-    model = SCHashFormer(n_clusters, n_top_genes=n_top_genes, seed=seed, device=device,
+    model = SCHashFormer(n_clusters, resolution=resolution, n_top_genes=n_top_genes, seed=seed, device=device,
                          allow_noncounts=allow_noncounts, progress=progress, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, **params)
     model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
@@ -77,7 +82,7 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
     ``checksum`` defaults to :func:`schashformer.record.data_checksum` of the counts in ``layer``.
     """
     labels = pd.Categorical(np.where(model.labels_ >= 0, model.labels_.astype(str), None),
-                            categories=[str(k) for k in range(model.n_clusters)])
+                            categories=[str(k) for k in range(model.n_clusters_)])
     adata.obs[key_added] = labels
     adata.obsm[f"X_{key_added}"] = model.embedding_.astype(np.float32)
     adata.obsm[f"{key_added}_codes"] = model.codes_.astype(np.int64)
@@ -86,7 +91,8 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
         "versions": record.versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": int(model.seed),
-        "params": {"n_clusters": int(model.n_clusters), "n_top_genes": int(model.n_top_genes), "seed": int(model.seed),
+        "params": {"n_clusters": "" if model.n_clusters is None else int(model.n_clusters),
+                   "resolution": float(model.resolution), "n_top_genes": int(model.n_top_genes), "seed": int(model.seed),
                    "labels_key": labels_key or "", "batch_key": batch_key or "", "layer": layer or "",
                    "allow_noncounts": bool(model.allow_noncounts), "device": str(model.device),
                    "device_used": str(resolve(model.device)),
@@ -99,6 +105,8 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
         "n_removed_cells": model.n_removed_cells_,
         "genes": np.asarray(model.stats_.genes, dtype=str),
     }
+    if model.n_clusters is None:  # K was estimated (params["n_clusters"] is "", so a rerun estimates again)
+        run["n_clusters_estimated"] = int(model.n_clusters_)
     if labels_key is not None:
         from .metrics import clustering_scores
 

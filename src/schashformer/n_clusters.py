@@ -1,0 +1,128 @@
+"""Estimating the number of clusters K when it is not given (``n_clusters=None``).
+
+The default (chosen by measurement, see docs/METHOD_CHOICES.md, "Number of clusters unknown")
+is Leiden community detection (leidenalg, RB-configuration modularity at ``resolution``) on
+the sparse kNN graph of the stage-2 embedding z whose neighbours come from the hash
+neighbourhoods only (:func:`schashformer.buckets.hash_knn_graph`): O(cells x heads x chunk)
+to build, near-linear to partition, and never a global kNN search. K is the number of
+communities with at least ``min_size`` cells; smaller ones (a few outlier cells) do not
+count as clusters. ``resolution`` gives finer (> 1) or coarser (< 1) clusters.
+
+The alternatives measured against it are kept for the benchmark (``method=``):
+``"silhouette"`` (k-means on a subsample of z over a range of K, the K of best silhouette).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import buckets
+from .errors import ParameterError
+from .validate import is_int
+
+METHODS = ("leiden", "silhouette")
+MEMORY_K = 100  # K assumed by the memory estimate before K is known (the per-cell cost of K is small)
+MIN_SIZE_FRACTION = 0.005  # communities below 0.5% of the cells (and at most 10 cells) are not counted as clusters
+
+
+def check_resolution(resolution) -> float:
+    """``resolution`` as a float > 0, or a ParameterError naming the value."""
+    ok = (is_int(resolution) or isinstance(resolution, (float, np.floating))) and math.isfinite(resolution)
+    if not ok or resolution <= 0:
+        raise ParameterError(f"resolution must be a number > 0 (default 1.0; higher gives more clusters), "
+                             f"got {resolution!r}")
+    return float(resolution)
+
+
+def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2) -> np.ndarray:
+    """Leiden partition (leidenalg, RB-configuration modularity) of a symmetric sparse ``graph`` (cells, cells).
+
+    Returns labels (cells,) numbered 0.. by decreasing community size.
+    """
+    import igraph as ig
+    import leidenalg
+
+    coo = graph.tocoo()
+    upper = coo.row < coo.col
+    g = ig.Graph(n=graph.shape[0], edges=np.column_stack([coo.row[upper], coo.col[upper]]).tolist())
+    part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, resolution_parameter=resolution,
+                                    seed=seed, n_iterations=n_iterations)
+    return np.asarray(part.membership, dtype=np.int64)  # leidenalg numbers communities by decreasing size
+
+
+def centroids(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(K, d) float32 mean of ``z`` (cells, d) over the cells of each label 0..K-1."""
+    k = int(labels.max()) + 1
+    sums = np.zeros((k, z.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, z)
+    return (sums / np.bincount(labels, minlength=k)[:, None]).astype(np.float32)
+
+
+def significant(labels: np.ndarray, min_size: int | None = None) -> np.ndarray:
+    """Labels of the communities with at least ``min_size`` cells (default: 0.5% of the cells, at most 10)."""
+    sizes = np.bincount(labels)
+    if min_size is None:
+        min_size = max(2, min(10, math.ceil(MIN_SIZE_FRACTION * len(labels))))
+    big = np.flatnonzero(sizes >= min_size)
+    return big if len(big) >= 2 else np.argsort(-sizes)[:2]
+
+
+def merge_small(z: np.ndarray, labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Move cells of communities not in ``keep`` to the nearest kept community centroid; relabel 0..len(keep)-1."""
+    centres = np.stack([z[labels == k].mean(0) for k in keep])
+    out = np.full(len(labels), -1, dtype=np.int64)
+    for new, k in enumerate(keep):
+        out[labels == k] = new
+    rest = out < 0
+    if rest.any():
+        d = ((z[rest, None, :] - centres[None]) ** 2).sum(-1)
+        out[rest] = d.argmin(1)
+    return out
+
+
+def estimate(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, *, resolution: float = 1.0,
+             n_neighbors: int = 15, seed: int = 0, method: str = "leiden",
+             max_clusters: int | None = None) -> tuple[int, np.ndarray]:
+    """Estimate K from the embedding ``z`` (cells, d) and the hash-sorted ``orders`` (one per head).
+
+    Returns (K, labels (cells,) in 0..K-1): the partition whose centroids initialise the
+    clustering head. ``method`` "leiden" (default) or "silhouette" (see the module docstring).
+    """
+    resolution = check_resolution(resolution)
+    n = len(z)
+    if method == "leiden":
+        graph = buckets.hash_knn_graph(z, orders, chunk_size, n_neighbors)
+        labels = leiden(graph, resolution, seed)
+        labels = merge_small(z, labels, significant(labels))
+    elif method == "silhouette":
+        labels = silhouette_kmeans(z, seed=seed, max_clusters=max_clusters or 30)
+    else:
+        raise ParameterError(f"method must be one of {METHODS}, got {method!r}")
+    if max_clusters is not None and labels.max() + 1 > max_clusters:
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(max_clusters, n_init=3, random_state=seed).fit_predict(z)
+    if labels.max() + 1 < 2 and n >= 2:  # one community: nothing to cluster, still give two clusters
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(2, n_init=3, random_state=seed).fit_predict(z)
+    return int(labels.max() + 1), labels.astype(np.int64)
+
+
+def silhouette_kmeans(z: np.ndarray, *, seed: int = 0, min_clusters: int = 2, max_clusters: int = 30,
+                      subsample: int = 3000) -> np.ndarray:
+    """k-means on a subsample of ``z`` for K in [min, max]; the K of the best silhouette, fitted on every cell."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(seed)
+    sub = z[rng.choice(len(z), min(subsample, len(z)), replace=False)]
+    best_k, best_s = min_clusters, -np.inf
+    for k in range(min_clusters, min(max_clusters, len(sub) - 1) + 1):
+        lab = KMeans(k, n_init=3, random_state=seed).fit_predict(sub)
+        s = silhouette_score(sub, lab)
+        if s > best_s:
+            best_k, best_s = k, s
+    return KMeans(best_k, n_init=3, random_state=seed).fit_predict(z).astype(np.int64)
