@@ -1,0 +1,147 @@
+"""Command-line forms of the downstream analyses of a clustering: ``integration`` and ``trajectory``.
+
+    schashformer integration RESULT.h5ad --batch-key donor --labels-key cell_type --out DIR
+    schashformer trajectory RESULT.h5ad --root day=0 --out DIR [--truth-key day]
+
+Both read a ``result.h5ad`` written by ``schashformer cluster`` (or any h5ad with the embedding
+in ``obsm``), write their files into a staging directory renamed into place when complete
+(as ``cluster`` does) and refuse an output directory holding other files or, without
+``--overwrite``, earlier results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+INTEGRATION_FILES = ("integration.json", "integration.csv", "integration.png")
+TRAJECTORY_FILES = ("pseudotime.csv", "trajectory.json", "trajectory.png", "result.h5ad")
+COMMANDS = ("integration", "trajectory")
+
+
+def add_parsers(sub) -> None:
+    """Add the ``integration`` and ``trajectory`` sub-commands to the main parser's sub-parsers."""
+    ig = sub.add_parser("integration", help="batch mixing and biology conservation scores of an embedding")
+    ig.add_argument("result", help="result.h5ad written by 'schashformer cluster' (ideally with --batch-key)")
+    ig.add_argument("--batch-key", required=True, help="obs column of batches")
+    ig.add_argument("--labels-key", required=True, help="obs column of known cell types")
+    ig.add_argument("--key", default="schashformer",
+                    help="embedding obsm['X_KEY'] and clusters obs['KEY'] (default: schashformer)")
+    ig.add_argument("--out", required=True, help="output directory")
+    ig.add_argument("--no-plot", action="store_true", help="skip the UMAP coloured by batch and cell type")
+    ig.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    ig.add_argument("--quiet", action="store_true", help="no progress messages")
+
+    tr = sub.add_parser("trajectory", help="PAGA graph and diffusion pseudotime on the embedding, with a plot")
+    tr.add_argument("result", help="result.h5ad written by 'schashformer cluster'")
+    tr.add_argument("--root", required=True,
+                    help="start of pseudotime: a cell index, a cell name, OBS_KEY=VALUE (e.g. day=0) or a cluster")
+    tr.add_argument("--rep", default="X_schashformer", help="obsm key of the embedding (default X_schashformer)")
+    tr.add_argument("--groups", default="schashformer",
+                    help="obs column of the PAGA nodes (default: the clusters; Leiden when absent)")
+    tr.add_argument("--truth-key", default=None,
+                    help="obs column of a known order (day, time): report its Spearman correlation with pseudotime")
+    tr.add_argument("--color", action="append", default=None, metavar="OBS_KEY",
+                    help="extra obs column to colour a panel of the plot by (repeatable)")
+    tr.add_argument("--n-neighbors", type=int, default=15, help="neighbours of the kNN graph (default 15)")
+    tr.add_argument("--n-dcs", type=int, default=10, help="diffusion components of DPT (default 10)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True, help="output directory")
+    tr.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    tr.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def _read(path: str):
+    from . import io
+
+    if not Path(path).exists():
+        raise InputError(f"{path}: no such file")
+    return io.read(path)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``integration`` or ``trajectory``; errors propagate as :class:`SCHashFormerError` to ``cli.main``."""
+    from .cli_analysis import check_out
+
+    out = Path(args.out)
+    names = INTEGRATION_FILES if args.command == "integration" else TRAJECTORY_FILES
+    check_out(out, names, args.overwrite)  # fail before any work
+    if args.command == "integration":
+        report = run_integration(args, out)
+        s = report["scores"]
+        print("mixing: " + "  ".join(f"{k} {s[k]:.3f}" for k in ("ilisi", "kbet", "batch_asw")) + "   biology: "
+              + "  ".join(f"{k} {s[k]:.3f}" for k in ("label_asw", "clisi", "ari", "nmi") if k in s))
+    else:
+        report = run_trajectory(args, out)
+        line = f"pseudotime from {report['root_name']}: {report['n_groups']} PAGA groups"
+        if "spearman" in report:
+            line += f"; Spearman with {report['truth_key']} {report['spearman']:.3f}"
+        print(line)
+    print(f"results in {out}/ ({', '.join(n for n in names if (out / n).exists())})")
+    return 0
+
+
+def run_integration(args: argparse.Namespace, out: Path) -> dict:
+    from .cli_analysis import _write_atomic
+    from .tl import integration
+
+    adata = _read(args.result)
+    scores = integration(adata, batch_key=args.batch_key, labels_key=args.labels_key, key=args.key, overwrite=True)
+    report = {"input": str(args.result), "n_cells": int(adata.n_obs), "batch_key": args.batch_key,
+              "labels_key": args.labels_key, "key": args.key,
+              "batches": {str(k): int(v) for k, v in adata.obs[args.batch_key].astype(str).value_counts().items()},
+              "scores": scores}
+
+    def write(staging: Path) -> None:
+        import pandas as pd
+
+        (staging / "integration.json").write_text(json.dumps(report, indent=2))
+        pd.DataFrame([scores]).to_csv(staging / "integration.csv", index=False)
+        if not args.no_plot:
+            from .pl import embedding
+
+            embedding(adata, [args.batch_key, args.labels_key], basis=args.key, save=staging / "integration.png",
+                      show=False)
+
+    _write_atomic(out, INTEGRATION_FILES, args.overwrite, write)
+    return report
+
+
+def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
+    from .cli_analysis import _write_atomic
+    from .io import write_h5ad
+    from .pl import trajectory as plot_trajectory
+    from .tl import trajectory
+    from .trajectory import pseudotime_correlation
+
+    adata = _read(args.result)
+    for key in [args.truth_key, *(args.color or [])]:
+        if key is not None and key not in adata.obs:
+            raise InputError(f"{args.result}: {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
+    root = int(args.root) if args.root.lstrip("-").isdigit() else args.root
+    trajectory(adata, root, use_rep=args.rep, groups=args.groups, n_neighbors=args.n_neighbors, n_dcs=args.n_dcs,
+               seed=args.seed, overwrite=True)  # the result file's own copy, never the input file
+    run = adata.uns["trajectory"]
+    pt = adata.obs["trajectory_pseudotime"]
+    report = {"input": str(args.result), "n_cells": int(adata.n_obs), "root": int(run["root"]),
+              "root_name": str(run["root_name"]), "groups": str(run["groups"]),
+              "n_groups": int(len(run["paga"]["groups"])), "n_unreachable": int(np.isnan(pt.to_numpy()).sum()),
+              "pseudotime_per_group": run["pseudotime_per_group"]}
+    if args.truth_key:
+        report["truth_key"] = args.truth_key
+        report["spearman"] = pseudotime_correlation(pt, adata.obs[args.truth_key])
+    colours = list(dict.fromkeys([c for c in [args.truth_key, *(args.color or [])] if c]))
+
+    def write(staging: Path) -> None:
+        adata.obs[["trajectory_pseudotime"]].rename_axis("cell").to_csv(staging / "pseudotime.csv")
+        (staging / "trajectory.json").write_text(json.dumps(report, indent=2))
+        plot_trajectory(adata, color=colours or None, save=staging / "trajectory.png", show=False)
+        write_h5ad(adata, staging / "result.h5ad")
+
+    _write_atomic(out, TRAJECTORY_FILES, args.overwrite, write)
+    return report

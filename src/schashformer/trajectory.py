@@ -1,0 +1,180 @@
+"""Trajectories on an embedding: PAGA (Wolf et al. 2019) and diffusion pseudotime (Haghverdi et al. 2016).
+
+Both come from scanpy (``sc.tl.paga``, ``sc.tl.diffmap``, ``sc.tl.dpt``); this module chooses
+the root, runs them on a light copy of the AnnData (so the user's own ``neighbors``, ``diffmap``
+or ``paga`` results are never replaced) and stores what they found under one key.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import InputError, ParameterError
+
+
+def _parse_root(root, adata: ad.AnnData, groups: str | None):
+    """A root as ('cell', index) or ('group', boolean mask, description)."""
+    if isinstance(root, (bool, np.bool_)):
+        raise ParameterError(f"root must be a cell index, a cell name or 'obs_key=value', got {root!r}")
+    if isinstance(root, (int, np.integer)):
+        if not 0 <= root < adata.n_obs:
+            raise ParameterError(f"root cell index {root} is outside 0..{adata.n_obs - 1}")
+        return "cell", int(root)
+    if not isinstance(root, str) or not root:
+        raise ParameterError(f"root must be a cell index, a cell name or 'obs_key=value', got {root!r}")
+    if "=" in root:
+        key, _, value = root.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in adata.obs:
+            raise InputError(f"root {root!r}: {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
+        column = adata.obs[key]
+        mask = (column.astype(str) == value).to_numpy()
+        if not mask.any() and pd.api.types.is_numeric_dtype(column):
+            try:  # 'day=0' against a float column holding 0.0
+                mask = np.isclose(column.to_numpy(dtype=float), float(value))
+            except ValueError:
+                pass
+        if not mask.any():
+            shown = list(pd.unique(column.astype(str)))[:20]
+            raise InputError(f"root {root!r}: no cell has {key} == {value!r} (values: {shown})")
+        return "group", mask, f"{key}={value}"
+    if root in adata.obs_names:
+        return "cell", int(adata.obs_names.get_loc(root))
+    if groups is not None and groups in adata.obs and (adata.obs[groups].astype(str) == root).any():
+        return "group", (adata.obs[groups].astype(str) == root).to_numpy(), f"{groups}={root}"
+    raise InputError(f"root {root!r} is neither a cell name, a value of obs[{groups!r}] nor of the form 'obs_key=value'")
+
+
+def extreme_cell(diffmap: np.ndarray, mask: np.ndarray, component: int = 1) -> int:
+    """Index of the cell of ``mask`` most extreme along diffusion ``component``, on the side away from the rest.
+
+    Scanpy's own root choice for a group (``sc.tl.dpt`` tutorials): the group's cell at the end
+    of the first non-trivial diffusion component. The end is the one the group lies towards
+    (its mean compared with the other cells'), so a root group at either end works.
+    """
+    dc = diffmap[:, component]
+    rows = np.flatnonzero(mask)
+    rest = dc[~mask] if (~mask).any() else dc
+    pick = np.argmin if dc[rows].mean() <= rest.mean() else np.argmax
+    return int(rows[pick(dc[rows])])
+
+
+def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", groups: str | None = "schashformer",
+               key_added: str = "trajectory", n_neighbors: int = 15, n_dcs: int = 10, umap: bool = True,
+               seed: int = 0, overwrite: bool = False, copy: bool = False):
+    """PAGA graph and diffusion pseudotime on an embedding, written into ``adata``.
+
+    Parameters
+    ----------
+    adata : AnnData holding ``obsm[use_rep]`` (cells, dims), e.g. after :func:`schashformer.tl.cluster`.
+    root : where pseudotime starts: a cell index (int), a cell name, ``"obs_key=value"`` (e.g.
+        ``"day=0"``) or a value of ``obs[groups]`` (e.g. a cluster ``"3"``). For a group, the root
+        is its cell most extreme along the first diffusion component (scanpy practice).
+    use_rep : ``obsm`` key of the embedding.
+    groups : ``obs`` column of the PAGA nodes (default: scHashFormer clusters); None or a missing
+        default: Leiden clusters of the embedding's kNN graph.
+    key_added : prefix of the keys written.
+    n_neighbors : neighbours of the kNN graph (``sc.pp.neighbors``).
+    n_dcs : diffusion components used by DPT.
+    umap : also compute a UMAP initialised from the PAGA graph (``init_pos="paga"``) for plots.
+    seed : random seed of Leiden / UMAP.
+    overwrite : replace results already under ``key_added``.
+    copy : work on a copy and return it.
+
+    Writes
+    ------
+    ``obs[f"{key_added}_pseudotime"]`` (cells,) DPT in [0, 1] (NaN for cells not connected to the
+    root); ``obsm[f"X_{key_added}_diffmap"]`` (cells, n_dcs) diffusion components;
+    ``obsm[f"X_{key_added}_umap"]`` (cells, 2) with ``umap``; ``obs[f"{key_added}_groups"]`` when
+    Leiden made the groups; ``uns[key_added]``: ``root`` (cell index), ``root_name``, ``groups``,
+    ``use_rep``, ``paga`` (``connectivities`` and ``connectivities_tree``, groups x groups sparse,
+    ``groups`` in their order) and ``pseudotime_per_group`` (median per group).
+
+    Returns
+    -------
+    The AnnData if ``copy``, else None.
+    """
+    import scanpy as sc
+
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+    if use_rep not in adata.obsm:
+        raise InputError(f"obsm[{use_rep!r}] not found (obsm keys: {list(adata.obsm.keys())}); run "
+                         "schashformer.tl.cluster first or pass use_rep=")
+    x = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise InputError(f"obsm[{use_rep!r}] must be a finite (cells, dims) array")
+    if adata.n_obs < max(n_neighbors + 1, n_dcs + 2):
+        raise InputError(f"{adata.n_obs} cells are too few for a trajectory with n_neighbors={n_neighbors}, "
+                         f"n_dcs={n_dcs}")
+    keys = {"obs": f"{key_added}_pseudotime", "uns": key_added}
+    taken = [f"{w}[{k!r}]" for w, k in keys.items() if k in getattr(adata, w)]
+    if taken and not overwrite:
+        raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
+    adata = adata.copy() if copy else adata
+    parsed = _parse_root(root, adata, groups)  # before any work: a bad root fails fast
+
+    light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"X_rep": x})
+    sc.pp.neighbors(light, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed)
+    made_groups = groups is None or groups not in adata.obs
+    if made_groups:
+        sc.tl.leiden(light, key_added="groups", random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    else:
+        col = adata.obs[groups]
+        if col.isna().any():
+            raise InputError(f"obs[{groups!r}] has {int(col.isna().sum())} missing values; PAGA needs a group per cell")
+        light.obs["groups"] = pd.Categorical(col.astype(str))
+    sc.tl.paga(light, groups="groups")
+    sc.tl.diffmap(light, n_comps=max(n_dcs, 3), random_state=seed)
+    if parsed[0] == "cell":
+        iroot, root_name = parsed[1], str(adata.obs_names[parsed[1]])
+    else:
+        iroot = extreme_cell(light.obsm["X_diffmap"], parsed[1])
+        root_name = f"{adata.obs_names[iroot]} ({parsed[2]})"
+    light.uns["iroot"] = iroot
+    sc.tl.dpt(light, n_dcs=n_dcs)
+    pt = light.obs["dpt_pseudotime"].to_numpy(dtype=float)
+    unreachable = ~np.isfinite(pt)
+    if unreachable.any():
+        warnings.warn(f"{int(unreachable.sum())} cells are not connected to the root in the kNN graph; their "
+                      "pseudotime is NaN", UserWarning, stacklevel=2)
+        pt[unreachable] = np.nan
+    sc.pl.paga(light, show=False, plot=False, random_state=seed)  # node positions: plots and UMAP's init_pos
+    if umap:
+        sc.tl.umap(light, init_pos="paga", random_state=seed)
+        adata.obsm[f"X_{key_added}_umap"] = light.obsm["X_umap"].astype(np.float32)
+
+    adata.obs[f"{key_added}_pseudotime"] = pt
+    if made_groups:
+        adata.obs[f"{key_added}_groups"] = light.obs["groups"].to_numpy()
+    adata.obsm[f"X_{key_added}_diffmap"] = light.obsm["X_diffmap"][:, :n_dcs].astype(np.float32)
+    group_names = list(light.obs["groups"].cat.categories)
+    per_group = pd.Series(pt).groupby(light.obs["groups"].to_numpy(), observed=True).median()
+    adata.uns[key_added] = {
+        "root": iroot, "root_name": root_name, "use_rep": use_rep,
+        "groups": f"{key_added}_groups" if made_groups else groups,
+        "params": {"n_neighbors": n_neighbors, "n_dcs": n_dcs, "seed": seed, "root": str(root)},
+        "paga": {"connectivities": light.uns["paga"]["connectivities"].tocsr(),
+                 "connectivities_tree": light.uns["paga"]["connectivities_tree"].tocsr(),
+                 "groups": np.asarray(group_names, dtype=str),
+                 "pos": np.asarray(light.uns["paga"]["pos"], dtype=float)},
+        "pseudotime_per_group": {str(g): float(per_group.get(g, np.nan)) for g in group_names},
+    }
+    return adata if copy else None
+
+
+def pseudotime_correlation(pseudotime, truth) -> float:
+    """Spearman rank correlation of pseudotime with a known order (true time, day, ...), ignoring NaN."""
+    pt = np.asarray(pseudotime, dtype=float)
+    t = pd.to_numeric(pd.Series(np.asarray(truth).ravel()), errors="coerce").to_numpy(dtype=float)
+    if pt.shape != t.shape:
+        raise ParameterError(f"pseudotime has {pt.size} entries, the known order {t.size}")
+    ok = np.isfinite(pt) & np.isfinite(t)
+    if ok.sum() < 3:
+        raise InputError("fewer than 3 cells have both a pseudotime and a known order")
+    return float(stats.spearmanr(pt[ok], t[ok]).statistic)
