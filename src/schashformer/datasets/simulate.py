@@ -1,0 +1,304 @@
+"""Count simulator fitted to a real labeled data set, for atlas-scale benchmarks.
+
+:func:`fit_reference` estimates, from real raw counts with cell-type labels:
+
+- the type frequencies and, per type, a log-normal library size (counts over the genes);
+- per type, the mean expression proportion of every gene (type mean counts / type mean library);
+- per gene, a negative-binomial inverse dispersion theta (method of moments on the residuals
+  of each cell around its type's expected count, pooled over types);
+- a zero inflation: the zeros the NB does not explain, pi = (observed zero fraction - NB zero
+  fraction) / (1 - NB zero fraction) per (type, gene), fitted as a logistic curve of the log mean
+  count (pi = sigmoid(a + b log mean)), which is how dropout varies in UMI data;
+- type mixing: real cells lie on continua between types (activation states, transitional cells,
+  doublets), so each reference cell's profile is fitted as (1 - w) own type + w another type by
+  maximum multinomial likelihood over a grid of w and every other type; the empirical
+  distribution of w and of the partner type per type are kept and resampled;
+- within-type expression programmes: the top principal axes of the cells' log-scale residuals
+  around their type mean, with their per-cell score variance. Real cells of one type are not
+  independent draws per gene: they vary along shared programmes (cell cycle, activation, ...),
+  and that correlated variation is what makes neighbouring types hard to separate.
+
+:func:`simulate` then draws any number of cells: type, library size, programme scores, means,
+gamma-Poisson (NB) counts, and dropout of the non-zero counts. Cells are generated in chunks,
+each from its own child seed, so the first N cells of a larger simulation equal a simulation of
+N cells with the same seed, and an ``.h5ad`` is written chunk by chunk (anndata's on-disk sparse
+append) without ever holding a dense cells x genes matrix or the whole sparse one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import InputError, OutputExistsError, ParameterError
+
+log = logging.getLogger(__name__)
+
+#: Reference data sets :func:`simulate` can be fitted to by name (files of ``../shared/data``;
+#: PBMC is also bundled with the package).
+REFERENCES = {"PBMC": "10X_PBMC_top2000.h5", "bladder": "mouse_bladder_cell_top2000.h5",
+              "worm": "worm_neuron_cell_top2000.h5"}
+_CHUNK_CELLS = 8192
+
+
+@dataclass
+class SimulationParams:
+    """Everything :func:`simulate` draws from (K types, G genes, R programmes)."""
+
+    type_names: np.ndarray  # (K,) str
+    type_freq: np.ndarray  # (K,) sums to 1
+    log_lib_mean: np.ndarray  # (K,) mean of log library size
+    log_lib_sd: np.ndarray  # (K,) its sd
+    proportions: np.ndarray  # (K, G) expected fraction of a cell's counts per gene
+    theta: np.ndarray  # (G,) NB inverse dispersion
+    dropout: tuple[float, float]  # (a, b): pi(mean) = sigmoid(a + b log mean)
+    programmes: np.ndarray  # (R, G) within-type programme loadings on log means
+    programme_sd: np.ndarray  # (R,) sd of the per-cell programme scores
+    gene_names: np.ndarray  # (G,) str
+    mix_partner: np.ndarray | None = None  # (K, K) probability that a type-t cell mixes towards type s
+    mix_weights: np.ndarray | None = None  # (M,) empirical mixing weights w (a cell is (1-w) own + w partner)
+    reference: str = ""
+
+    @property
+    def n_genes(self) -> int:
+        return self.proportions.shape[1]
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def fit_reference(adata: ad.AnnData, labels_key: str = "label", *, n_programmes: int = 10,
+                  programme_scale: float = 0.5, name: str = "") -> SimulationParams:
+    """Fit simulation parameters to raw counts ``adata.X`` (cells x genes) with labels ``obs[labels_key]``.
+
+    ``n_programmes`` within-type programmes are kept; ``programme_scale`` shrinks their score sd
+    (1 = as observed on the log-normalised residuals, which also hold the Poisson noise the NB
+    draws again, so the observed spread overstates the programmes).
+    """
+    if labels_key not in adata.obs:
+        raise InputError(f"labels_key {labels_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    labels = pd.Categorical(adata.obs[labels_key].astype(str))
+    codes, k = labels.codes, len(labels.categories)
+    if (codes < 0).any() or k < 2:
+        raise InputError(f"{labels_key!r} needs at least 2 types and no missing values")
+    lib = np.asarray(x.sum(1)).ravel()
+    keep = lib > 0
+    x, codes, lib = x[keep], codes[keep], lib[keep]
+    n, g = x.shape
+    onehot = sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(k, n))
+    size = np.asarray(onehot.sum(1)).ravel()
+    type_sum = np.asarray((onehot @ x).todense())  # (K, G)
+    lib_sum = onehot @ lib
+    # a floor of 0.1 count over the type keeps every mean positive (log-scale programmes need it)
+    props = (type_sum + 0.1 / g) / (lib_sum[:, None] + 0.1)
+    loglib = np.log(lib)
+    ll_mean = (onehot @ loglib) / size
+    ll_sd = np.sqrt(np.maximum((onehot @ loglib**2) / size - ll_mean**2, 1e-4))
+
+    # NB dispersion, method of moments pooled over types: sum (x - mu)^2 - mu = sum mu^2 / theta.
+    xd = x.toarray()
+    mu = lib[:, None] * props[codes]
+    excess = ((xd - mu) ** 2 - mu).sum(0)
+    theta = np.clip((mu**2).sum(0) / np.maximum(excess, 1e-12), 0.05, 1e3)
+    theta[excess <= 0] = 1e3  # no overdispersion: (nearly) Poisson
+
+    # zero inflation: observed zeros beyond the NB's, per (type, gene), as a logistic of log mean
+    nb_zero = np.exp(-theta * np.log1p(mu / theta))  # (cells, G)
+    obs0 = (onehot @ (xd == 0)) / size[:, None]
+    nb0 = (onehot @ nb_zero) / size[:, None]
+    tmean = (onehot @ mu) / size[:, None]
+    pi = np.clip((obs0 - nb0) / np.maximum(1 - nb0, 1e-6), 0.0, 0.99)
+    w = (size[:, None] * (1 - nb0)).ravel()  # where the NB rarely gives zero, excess zeros are well measured
+    dropout = _fit_logistic(np.log(tmean.ravel()), pi.ravel(), w)
+
+    # within-type programmes: PCA of log-normalised residuals around each type's mean
+    logn = np.log1p(xd / lib[:, None] * 1e4)
+    resid = logn - (onehot @ logn / size[:, None])[codes]
+    _, s, vt = np.linalg.svd(resid - resid.mean(0), full_matrices=False)
+    r = int(min(n_programmes, len(s)))
+    prog_sd = programme_scale * s[:r] / np.sqrt(n)
+    partner, weights = _fit_mixing(xd, codes, props)
+    names = np.asarray(adata.var_names).astype(str)
+    return SimulationParams(np.asarray(labels.categories).astype(str), size / n, ll_mean, ll_sd, props, theta,
+                            dropout, vt[:r], prog_sd, names, partner, weights, name)
+
+
+_MIX_GRID = np.linspace(0.0, 0.5, 11)
+
+
+def _fit_mixing(xd: np.ndarray, codes: np.ndarray, props: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per reference cell, the (partner type, w) maximising sum_g x_g log((1-w) p_own + w p_partner).
+
+    Returns the partner frequencies per own type (K, K) and the cells' fitted w (cells,).
+    """
+    k, g = props.shape
+    # log mixture profiles for every (own, partner, w): (G, K * K * W), one matrix product scores all cells
+    mix = (1 - _MIX_GRID)[None, None, :, None] * props[:, None, None, :] + _MIX_GRID[None, None, :, None] * props[None, :, None, :]
+    loglik = (xd @ np.log(mix).reshape(-1, g).T).reshape(len(xd), k, k, len(_MIX_GRID))
+    own = loglik[np.arange(len(xd)), codes]  # (cells, K partners, W)
+    own[np.arange(len(xd)), codes] = -np.inf  # a cell does not mix with its own type
+    best = own.reshape(len(xd), -1).argmax(1)
+    part, widx = np.unravel_index(best, (k, len(_MIX_GRID)))
+    w = _MIX_GRID[widx]
+    partner = np.zeros((k, k))
+    np.add.at(partner, (codes, part), 1.0)
+    np.fill_diagonal(partner, 0.0)
+    partner /= np.maximum(partner.sum(1, keepdims=True), 1.0)
+    empty = partner.sum(1) == 0
+    partner[empty] = (1 - np.eye(k))[empty] / (k - 1)
+    return partner, w
+
+
+def _fit_logistic(logmean: np.ndarray, pi: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+    """Weighted least squares fit of pi = sigmoid(a + b * logmean); (a, b)."""
+    from scipy.optimize import least_squares
+
+    ok = np.isfinite(logmean) & (weight > 0)
+    lm, p, sw = logmean[ok], pi[ok], np.sqrt(weight[ok] / weight[ok].sum())
+    res = least_squares(lambda ab: sw * (_sigmoid(ab[0] + ab[1] * lm) - p), x0=np.array([-3.0, 0.0]))
+    return float(res.x[0]), float(res.x[1])
+
+
+def load_reference(like: str) -> tuple[ad.AnnData, str]:
+    """(AnnData with ``obs['label']``, name) of a reference named in :data:`REFERENCES` or a file path."""
+    from .. import io
+
+    if like in REFERENCES:
+        if like == "PBMC":
+            return io.read_bundled_pbmc(), like
+        path = Path(__file__).resolve().parents[4] / "shared" / "data" / REFERENCES[like]
+        if not path.exists():
+            raise InputError(f"reference {like!r} needs {REFERENCES[like]} (not found at {path}); "
+                             "pass a labeled file path instead")
+        return io.read(path), like
+    path = Path(like)
+    if not path.exists():
+        raise InputError(f"like={like!r} is neither a known reference ({', '.join(REFERENCES)}) nor a file")
+    return io.read(path), path.stem
+
+
+def _chunk(params: SimulationParams, n: int, rng: np.random.Generator) -> tuple[sp.csr_matrix, np.ndarray]:
+    """n cells: (CSR float32 counts, type index)."""
+    k = len(params.type_freq)
+    types = rng.choice(k, size=n, p=params.type_freq)
+    lib = np.exp(rng.normal(params.log_lib_mean[types], params.log_lib_sd[types])).astype(np.float32)
+    mu = params.proportions[types].astype(np.float32)
+    if params.mix_weights is not None and len(params.mix_weights):
+        cum = params.mix_partner.cumsum(1)[types]
+        partner = np.minimum((rng.random(n)[:, None] > cum).sum(1), k - 1)
+        w = rng.choice(params.mix_weights, size=n).astype(np.float32)[:, None]
+        mu = (1 - w) * mu + w * params.proportions[partner].astype(np.float32)
+    if len(params.programme_sd):
+        scores = rng.normal(size=(n, len(params.programme_sd))) * params.programme_sd
+        mu *= np.exp(scores @ params.programmes).astype(np.float32)
+        mu /= mu.sum(1, keepdims=True)  # programmes reshape the profile, the library size stays the draw
+    mu *= lib[:, None]
+    theta = params.theta.astype(np.float32)
+    # gamma-Poisson = NB(mean mu, inverse dispersion theta)
+    lam = rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32)
+    lam *= mu / theta
+    counts = rng.poisson(lam).astype(np.float32)
+    x = sp.csr_matrix(counts)
+    # dropout acts on the non-zero counts only (a dropped zero is still zero): O(nnz) draws
+    a, b = params.dropout
+    rows = np.repeat(np.arange(n), np.diff(x.indptr))
+    pi = _sigmoid(a + b * np.log(np.maximum(mu[rows, x.indices], 1e-12)))
+    x.data[rng.random(x.nnz) < pi] = 0
+    x.eliminate_zeros()
+    return x, types
+
+
+def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int = 0, out: str | Path | None = None,
+             overwrite: bool = False, chunk_cells: int = _CHUNK_CELLS, labels_key: str = "label",
+             progress: bool = False):
+    """Simulate ``n_cells`` cells like a real labeled data set.
+
+    Parameters
+    ----------
+    n_cells : number of cells (>= 1).
+    like : a reference name from :data:`REFERENCES` ('PBMC': 10x PBMC, 8 types; 'bladder': 16 types;
+        'worm': 10 types), a labeled count file (labels in ``obs['label']``), or fitted
+        :class:`SimulationParams`.
+    seed : random seed; chunk c uses child seed c of ``numpy.random.SeedSequence(seed)``, so the
+        first N cells of any simulation with this seed are identical.
+    out : ``.h5ad`` path. None: return the AnnData in memory. Given: write it chunk by chunk
+        (CSR float32 counts in ``X``, ``obs['cell_type']`` categorical, gene names) and return the path.
+    overwrite : replace an existing ``out``.
+    chunk_cells : cells generated per chunk (memory ~ chunk_cells x genes x 16 bytes).
+    labels_key : ``obs`` column of the cell types when ``like`` is a file.
+
+    Returns
+    -------
+    AnnData (cells x genes) or the written path.
+    """
+    if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
+        raise ParameterError(f"n_cells must be an integer >= 1, got {n_cells!r}")
+    if chunk_cells < 1:
+        raise ParameterError(f"chunk_cells must be >= 1, got {chunk_cells!r}")
+    if isinstance(like, SimulationParams):
+        params = like
+    else:
+        reference, name = load_reference(like)
+        params = fit_reference(reference, labels_key, name=name)
+    seeds = np.random.SeedSequence(seed).spawn(-(-int(n_cells) // chunk_cells))
+    var = pd.DataFrame(index=pd.Index(params.gene_names, name=None))
+    cats = list(params.type_names)
+
+    def chunks():
+        for c, ss in enumerate(seeds):
+            n = min(chunk_cells, n_cells - c * chunk_cells)
+            yield _chunk(params, n, np.random.default_rng(ss))
+
+    if out is None:
+        xs, ts = zip(*chunks())
+        adata = ad.AnnData(sp.vstack(xs, format="csr"), var=var)
+        adata.obs_names = [f"cell{i}" for i in range(n_cells)]
+        adata.obs["cell_type"] = pd.Categorical.from_codes(np.concatenate(ts), categories=cats)
+        return adata
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    return _write_chunks(out, chunks(), n_cells, var, cats, params, seed, progress)
+
+
+def _write_chunks(out: Path, chunks, n_cells: int, var: pd.DataFrame, cats: list, params: SimulationParams,
+                  seed: int, progress: bool) -> Path:
+    """Write an AnnData file from (CSR, types) chunks with anndata's on-disk sparse append; atomic rename."""
+    from anndata.io import sparse_dataset, write_elem
+    from tqdm.auto import tqdm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name("." + out.name + ".partial")
+    types = np.empty(n_cells, dtype=np.int16)
+    pos = 0
+    with h5py.File(tmp, "w") as f:
+        bar = tqdm(total=n_cells, desc="simulate", unit="cells", disable=not progress)
+        for x, t in chunks:
+            if pos == 0:
+                write_elem(f, "X", x, dataset_kwargs={"maxshape": (None,), "chunks": (1 << 18,)})
+                xs = sparse_dataset(f["X"])
+            else:
+                xs.append(x)
+            types[pos:pos + len(t)] = t
+            pos += len(t)
+            bar.update(len(t))
+        bar.close()
+        obs = pd.DataFrame({"cell_type": pd.Categorical.from_codes(types, categories=cats)},
+                           index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", var)
+        write_elem(f, "uns", {"simulation": {"reference": params.reference, "seed": int(seed),
+                                             "n_types": len(cats), "dropout_logistic": np.asarray(params.dropout)}})
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(f, key, {})
+    tmp.replace(out)
+    return out
