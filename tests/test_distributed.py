@@ -1,0 +1,136 @@
+"""Distributed training (issue 7): torch.distributed + DDP, launched by torchrun, gloo on the CPU.
+
+The main test runs ``schashformer cluster --nproc 2`` (two gloo processes on this machine) on
+1500 real PBMC cells and compares its labels with a one-process fit of the same parameters.
+The others check the pieces without a second process: the seurat gene selection from reduced
+sums against scanpy, and a one-rank process group for the row exchange and the statistics.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch.distributed as dist
+from sklearn.metrics import adjusted_rand_score
+
+import schashformer as shf
+from schashformer import distributed as D
+from schashformer.preprocess import _log_normalise, _select_genes, prepare
+from tests.conftest import simulate_counts
+
+# Short training at the default architecture: the point is agreement between 1 and 2 processes.
+PARAMS = dict(stage1_steps=40, stage1_batch=256, stage2_pretrain_steps=20, stage2_cluster_steps=30,
+              update_interval=15, kmeans_n_init=4)
+N_TOP = 500  # fewer genes than the file has: the distributed run must select the same genes
+
+
+@pytest.fixture(scope="module")
+def pbmc_subset(shared_data, tmp_path_factory) -> Path:
+    adata = shf.io.read(shared_data / "10X_PBMC_top2000.h5")
+    idx = np.sort(np.random.default_rng(0).choice(adata.n_obs, 1500, replace=False))
+    path = tmp_path_factory.mktemp("dist") / "pbmc1500.h5ad"
+    adata[idx].copy().write_h5ad(path)
+    return path
+
+
+def _cli(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "schashformer.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_gloo_processes_agree_with_one(pbmc_subset, tmp_path):
+    # one process, the ordinary path
+    one = shf.io.read(pbmc_subset)
+    shf.tl.cluster(one, 8, n_top_genes=N_TOP, seed=0, device="cpu", progress=False, **PARAMS)
+    # two processes through the command line: torchrun, gloo, one result written by rank 0
+    out = tmp_path / "out2"
+    params = [a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]
+    run = _cli(["cluster", str(pbmc_subset), "--n-clusters", "8", "--n-top-genes", str(N_TOP), "--out", str(out),
+                "--device", "cpu", "--labels-key", "label", "--no-umap", "--quiet", "--nproc", "2", *params])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 shards (gloo, cpu)" in run.stdout
+    written = sorted(p.name for p in out.iterdir())
+    assert {"result.h5ad", "clusters.csv", "metrics.json"} <= set(written), written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]  # no staging left
+    two = shf.io.read(out / "result.h5ad")
+    assert two.n_obs == one.n_obs and list(two.obs_names) == list(one.obs_names)
+    # same genes from all-reduced statistics, and labels that agree with one process
+    assert list(two.uns["schashformer"]["genes"]) == list(one.uns["schashformer"]["genes"])
+    ari = adjusted_rand_score(one.obs["schashformer"], two.obs["schashformer"])
+    assert ari >= 0.95, f"ARI between the 1- and 2-process labels is {ari:.3f}"
+    clusters = pd.read_csv(out / "clusters.csv")
+    assert len(clusters) == 1500 and clusters["schashformer"].nunique() <= 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["ari"] > 0.4 and metrics["timings"]["stage1_hashing"]["steps_per_s"] > 0
+
+
+def test_nproc_refused_input_is_one_line(tmp_path):
+    run = _cli(["cluster", str(tmp_path / "missing.h5ad"), "--n-clusters", "3", "--out", str(tmp_path / "o"),
+                "--device", "cpu", "--quiet", "--nproc", "2"], timeout=120)
+    assert run.returncode == 2
+    assert "schashformer: error:" in run.stderr and "no such file" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_seurat_hvg_from_sums_matches_scanpy():
+    adata = simulate_counts(n_cells=400, n_genes=3000, seed=7)
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    total = np.asarray(x.sum(1)).ravel()
+    logn = _log_normalise(x[total > 0], total[total > 0])
+    detected = np.flatnonzero(np.diff(logn.tocsc().indptr) > 0)
+    e = logn[:, detected].copy()
+    np.expm1(e.data, out=e.data)
+    halves = [e[: e.shape[0] // 2], e[e.shape[0] // 2:]]  # sums of two shards, added: what all_reduce does
+    s1 = sum(np.asarray(h.sum(0, dtype=np.float64)).ravel() for h in halves)
+    s2 = sum(np.asarray(h.multiply(h).sum(0, dtype=np.float64)).ravel() for h in halves)
+    for n_top in (300, 2000):
+        ours = detected[D.seurat_hvg(e.shape[0], s1, s2, n_top)]
+        np.testing.assert_array_equal(ours, _select_genes(logn, n_top))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A real gloo process group of one rank in this process."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    ctx = D.init("cpu")
+    yield ctx
+    dist.destroy_process_group()
+
+
+def test_exchange_and_statistics_on_one_rank(one_rank):
+    ctx = one_rank
+    assert ctx.backend == "gloo" and ctx.world == 1
+    # rows come back in the order asked for, dense and sparse
+    store = D.RowStore(ctx, np.arange(10, 20))
+    table = np.arange(10, 20, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    want = np.array([19, 10, 15, 15])
+    np.testing.assert_array_equal(store.fetch(table, want, np.zeros(4, np.int64))[:, 0], want)
+    m = sp.random(10, 7, density=0.4, format="csr", random_state=0, dtype=np.float32)
+    got = store.fetch_csr(m, want, np.zeros(4, np.int64))
+    np.testing.assert_array_equal(got.toarray(), m[want - 10].toarray())
+    # the shard statistics equal the one-process ones (up to float32 rounding of the sums)
+    adata = simulate_counts(n_cells=200, n_genes=300, seed=3)
+    ours, ref = D.prepare_shard(ctx, adata, n_top_genes=100), prepare(adata, n_top_genes=100)
+    np.testing.assert_array_equal(ours.stats.genes, ref.stats.genes)
+    np.testing.assert_allclose(ours.stats.mean, ref.stats.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.stats.std, ref.stats.std, rtol=1e-5)
+    assert ours.stats.median_library == ref.stats.median_library
+    np.testing.assert_allclose(ours.size_factors, ref.size_factors, rtol=1e-6)
+    assert (D.shard_bounds(10, 3) == [0, 3, 6, 10]).all()
