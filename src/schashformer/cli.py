@@ -61,6 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--format", default=None, help="input format (h5ad, xy_h5, 10x_h5, mtx, csv, tsv); default: guess")
     run.add_argument("--transpose", action="store_true", help="csv/tsv rows are genes, columns cells")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train on N local processes with torch.distributed (torchrun; gloo on CPU, nccl on GPUs); "
+                          "see docs/DISTRIBUTED.md")
 
     again = sub.add_parser("rerun", help="re-run the clustering recorded in a result.h5ad; the input must be unchanged")
     again.add_argument("result", help="result.h5ad written by 'schashformer cluster'")
@@ -138,8 +141,11 @@ def _publish(staging: Path, out: Path) -> None:
 def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float = 1.0, labels_key=None, batch_key=None, layer=None,
                 n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
                 umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
-                reference_labels=None, resume: bool = False, checkpoint_every: int = 100) -> dict:
+                reference_labels=None, resume: bool = False, checkpoint_every: int = 100, model=None) -> dict:
     """Cluster ``adata`` and write the result files into ``out`` all at once; returns metrics.json content.
+
+    ``model``: an already fitted SCHashFormer (a distributed fit, :mod:`schashformer.distributed`)
+    whose results are written instead of fitting here.
 
     Training is checkpointed in ``out/.checkpoint`` every ``checkpoint_every`` steps; ``resume``
     continues from a checkpoint left there by a killed or failed run. The checkpoint is kept
@@ -152,11 +158,15 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
     from . import tl
 
     check_out_dir(out, overwrite, resume)
-    _, model = tl.cluster(adata, n_clusters, resolution=resolution, labels_key=labels_key, batch_key=batch_key, layer=layer,
-                          n_top_genes=n_top_genes, seed=seed, device=device, allow_noncounts=allow_noncounts,
-                          progress=progress, return_model=True, overwrite=overwrite,
-                          checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=checkpoint_every, keep_checkpoint=True,
-                          resume=resume, **(params or {}))
+    if model is not None:
+        tl.write_results(adata, model, labels_key=labels_key, batch_key=batch_key, layer=layer)
+    else:
+        _, model = tl.cluster(adata, n_clusters, resolution=resolution, labels_key=labels_key, batch_key=batch_key,
+                              layer=layer, n_top_genes=n_top_genes, seed=seed, device=device,
+                              allow_noncounts=allow_noncounts,
+                              progress=progress, return_model=True, overwrite=overwrite,
+                              checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=checkpoint_every,
+                              keep_checkpoint=True, resume=resume, **(params or {}))
     record = adata.uns["schashformer"]
     if source is not None:
         record["input"] = {"path": str(Path(source["path"]).resolve()), "format": source.get("format") or "",
@@ -274,6 +284,13 @@ def _print_report(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "cluster" and args.nproc != 1:
+        if args.nproc < 1:
+            print(f"schashformer: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+            return 2
+        from .distributed import launch, strip_nproc
+
+        return launch(strip_nproc(sys.argv[1:] if argv is None else list(argv)), args.nproc)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         from . import io
