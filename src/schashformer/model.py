@@ -93,7 +93,7 @@ class SCHashFormer:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, adata: ad.AnnData, *, batch_key: str | None = None, labels_key: str | None = None,
-            layer: str | None = None, resume: bool = False) -> "SCHashFormer":
+            layer: str | None = None, resume: bool = False, stats: GeneStats | None = None) -> "SCHashFormer":
         """Train both stages on ``adata`` (raw counts, cells x genes) and cluster its cells.
 
         ``labels_key`` is used only to report bucket purity, never for training. With
@@ -101,8 +101,20 @@ class SCHashFormer:
         data, parameters, seed, device type and package version), training continues from
         it; without a checkpoint the fit starts from the beginning. ``resume=False`` starts
         afresh and replaces any checkpoint there.
+
+        Inputs with more than ``train_cells`` cells (a TrainConfig field, default 50,000) and
+        AnnData opened with ``backed='r'`` go through the out-of-core path
+        (:func:`schashformer.streaming.fit_out_of_core`): gene statistics from one streaming pass,
+        training on a random subsample of ``train_cells`` cells, then hashing, encoding and
+        assignment of every cell in streaming passes. ``stats`` (GeneStats) fixes the genes and
+        their standardisation instead of computing them from ``adata`` (that path uses it).
         """
         check_adata(adata)
+        if stats is None and (adata.isbacked or adata.n_obs > self.config.train_cells):
+            from .streaming import CountSource, fit_out_of_core
+
+            return fit_out_of_core(self, CountSource.from_anndata(adata, layer), batch_key=batch_key,
+                                   labels_key=labels_key, resume=resume)
         for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
             if key is not None and key not in adata.obs:
                 raise InputError(f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
@@ -126,7 +138,8 @@ class SCHashFormer:
         self.timings_ = {}
 
         with self._stage("preprocess"):
-            prep = prepare(adata, n_top_genes=self.n_top_genes, layer=layer, allow_noncounts=self.allow_noncounts)
+            prep = prepare(adata, n_top_genes=self.n_top_genes, layer=layer, allow_noncounts=self.allow_noncounts,
+                           stats=stats)
             if known_k and prep.n_cells < self.n_clusters:
                 raise ParameterError(f"n_clusters={self.n_clusters} exceeds the {prep.n_cells} cells with counts")
             batch_index, self.batch_categories_ = self._batches(adata, batch_key, prep.cell_mask)

@@ -73,6 +73,9 @@ class TrainConfig:
     init: str = "kmeans"  # centres from k-means on z (METHOD.md), or "leiden" on the hash-neighbourhood kNN graph
     graph_neighbors: int = 15
     infer_batch: int = 2048
+    # Inputs with more cells (or backed AnnData) train both stages on a random subsample of this many
+    # cells and embed every cell in streaming passes (schashformer.streaming); see docs/METHOD_CHOICES.md.
+    train_cells: int = 50_000
 
     def bits_for(self, n_cells: int) -> int:
         if self.hash_bits is not None:
@@ -81,7 +84,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch",
-                     "d_model", "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch"):
+                     "d_model", "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch",
+                     "train_cells"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs"):
