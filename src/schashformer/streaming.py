@@ -1,0 +1,496 @@
+"""Out-of-core clustering: count matrices larger than the training subsample, read in row chunks.
+
+The in-memory path (:func:`schashformer.preprocess.prepare` + :meth:`SCHashFormer.fit`) holds four
+sparse copies of the counts and passes over every cell in every training phase. At atlas scale
+(10^5 .. 10^6+ cells) :func:`fit_out_of_core` replaces it by:
+
+1. **one streaming pass** over row chunks of the file (:class:`CountSource`): count validation,
+   per-gene sums of the log-normalised values and of the normalised counts (their squares too),
+   which give the highly variable genes (scanpy's ``seurat`` flavour, :func:`select_hvg`) and the
+   standardisation mean/std of every cell, exactly as :func:`prepare` computes them in memory;
+   the same pass keeps the rows of a seeded random **training subsample** (``TrainConfig.train_cells``);
+2. **training on the subsample** with the global gene statistics: the unchanged two-stage
+   :meth:`SCHashFormer.fit` (fixed step counts, so training cost does not grow with the data);
+3. **a second streaming pass** that standardises one chunk at a time and hashes every cell
+   (bucket ids, continuous codes) and builds its stage-2 token (stage-1 hidden + principal components);
+4. **encoding and assignment** of every cell: sort-and-chunk local attention over the hash-sorted
+   order of all cells (attention cost per cell is fixed: C x 2C scores), then the Student-t head.
+
+Memory is the subsample (O(its non-zeros)), one chunk of rows, and O(cells) small per-cell arrays
+(tokens, codes, embedding: ~200 floats per cell): never a dense cells x genes array and never the
+whole input matrix. Time is linear in cells: two reads of the file, one hashing pass, one
+attention pass. The same code runs on CUDA (``device='cuda'``), where the per-chunk tensors move to
+the GPU and inference runs under bfloat16/float16 autocast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from . import buckets, resources
+from .errors import InputError, ParameterError
+from .preprocess import CLIP, TARGET_SUM, GeneStats, validate_counts
+
+log = logging.getLogger(__name__)
+CHUNK_ROWS = 32768  # rows read and prepared at once: ~ 32768 x (nnz per row) x 8 bytes of CSR
+_HVG_BINS = 20  # scanpy's seurat flavour
+
+
+# ----------------------------------------------------------------------------- row chunks
+class CountSource:
+    """A cells x genes count matrix served in row chunks (CSR float32), in memory or in a ``.h5ad`` file.
+
+    Use :meth:`from_h5ad` (the matrix stays on disk; anndata's ``sparse_dataset`` reads row slices
+    of a CSR ``X`` or layer, h5py those of a dense one) or :meth:`from_anndata` (an AnnData in
+    memory, or one opened with ``backed='r'``).
+
+    Attributes: ``n_obs``, ``n_vars``, ``obs`` (DataFrame), ``var_names`` (Index), ``path`` (None in memory).
+    """
+
+    def __init__(self, matrix, obs: pd.DataFrame, var_names: pd.Index, where: str, path: Path | None = None,
+                 handle: h5py.File | None = None):
+        self._x, self.obs, self.var_names, self.where, self.path, self._handle = matrix, obs, var_names, where, path, handle
+        self.n_obs, self.n_vars = int(matrix.shape[0]), int(matrix.shape[1])
+
+    @classmethod
+    def from_h5ad(cls, path: str | Path, layer: str | None = None) -> "CountSource":
+        """Open ``path`` read-only; ``obs`` and ``var`` are read, the matrix is not."""
+        from anndata.io import read_elem, sparse_dataset
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise InputError(f"{path}: not a readable HDF5/h5ad file ({exc})") from None
+        try:
+            key = "X" if layer is None else f"layers/{layer}"
+            if key not in f:
+                raise InputError(f"{path}: no {key} in the file"
+                                 + (f" (layers: {list(f['layers'])})" if layer and "layers" in f else ""))
+            node = f[key]
+            if isinstance(node, h5py.Group):
+                enc = node.attrs.get("encoding-type", "")
+                if enc == "csc_matrix":
+                    raise InputError(f"{path}: {key} is stored column-major (CSC); out-of-core reading needs rows: "
+                                     "rewrite it as CSR (adata.X = adata.X.tocsr(); adata.write_h5ad(...))")
+                matrix = sparse_dataset(node)
+            else:
+                matrix = node
+            obs = read_elem(f["obs"])
+            var = read_elem(f["var"])
+        except InputError:
+            f.close()
+            raise
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            f.close()
+            raise InputError(f"{path}: cannot be read as h5ad ({type(exc).__name__}: {str(exc)[:120]})") from None
+        where = f"{path.name}:{key}"
+        return cls(matrix, obs, pd.Index(np.asarray(var.index).astype(str)), where, path, f)
+
+    @classmethod
+    def from_anndata(cls, adata: ad.AnnData, layer: str | None = None) -> "CountSource":
+        """Rows of ``adata.X`` (or ``layer``); a backed AnnData is read from its file."""
+        if adata.isbacked and layer is None:
+            return cls.from_h5ad(adata.filename)
+        if layer is not None and layer not in adata.layers:
+            raise InputError(f"layer {layer!r} not found; available layers: {list(adata.layers)}")
+        x = adata.X if layer is None else adata.layers[layer]
+        if x is None:
+            raise InputError("adata.X is empty (None); pass layer= to use a layer of counts")
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        return cls(x, adata.obs, pd.Index(np.asarray(adata.var_names).astype(str)), where)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as CSR float32."""
+        block = self._x[start:stop]
+        if not sp.issparse(block):
+            block = np.asarray(block)
+            if block.dtype.kind not in "biuf":
+                raise InputError(f"{self.where} has dtype {block.dtype}; expected numbers")
+        return sp.csr_matrix(block, dtype=np.float32)
+
+    def chunks(self, chunk_rows: int = CHUNK_ROWS, desc: str | None = None, progress: bool = False):
+        """Yield (start, CSR float32 rows start:start + chunk_rows) over all rows."""
+        bar = tqdm(total=self.n_obs, desc=desc, unit="cells", disable=not progress, leave=False)
+        for start in range(0, self.n_obs, chunk_rows):
+            block = self.rows(start, min(start + chunk_rows, self.n_obs))
+            yield start, block
+            bar.update(block.shape[0])
+        bar.close()
+
+    def chunk_adata(self, start: int, block: sp.csr_matrix) -> ad.AnnData:
+        """An AnnData of one chunk (all genes), named like the source's genes."""
+        a = ad.AnnData(block)
+        a.var_names = self.var_names
+        return a
+
+
+# ----------------------------------------------------------------------------- pass 1: statistics
+@dataclass
+class StreamStats:
+    """What the first pass gathers: per-gene sums over kept cells and the training subsample."""
+
+    n_kept: int = 0
+    detected: np.ndarray | None = None  # (genes,) cells with a non-zero count
+    sum_logn: np.ndarray | None = None  # (genes,) float64
+    sumsq_logn: np.ndarray | None = None
+    sum_norm: np.ndarray | None = None  # normalised counts (expm1 of logn), for the seurat dispersion
+    sumsq_norm: np.ndarray | None = None
+    cell_mask: np.ndarray | None = None  # (cells,) total > 0
+    sample_rows: np.ndarray | None = None  # (m,) sorted rows of the training subsample
+    sample: list = field(default_factory=list)  # CSR chunks of the subsample's rows (all genes)
+    canonical_nnz: np.ndarray | None = None  # (cells,) non-zeros per row after canonicalisation (checksum)
+
+
+def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool = False,
+         chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> StreamStats:
+    """First pass: validate the counts, accumulate per-gene statistics, keep the ``sample_rows``."""
+    g = source.n_vars
+    st = StreamStats(detected=np.zeros(g, np.int64), sum_logn=np.zeros(g), sumsq_logn=np.zeros(g),
+                     sum_norm=np.zeros(g), sumsq_norm=np.zeros(g), cell_mask=np.zeros(source.n_obs, bool),
+                     sample_rows=np.asarray(sample_rows, np.int64), canonical_nnz=np.zeros(source.n_obs, np.int64))
+    if source.n_obs == 0 or g == 0:
+        raise InputError(f"{source.where} is empty: {source.n_obs} cells x {g} genes")
+    for start, x in source.chunks(chunk_rows, "reading: statistics", progress):
+        stop = start + x.shape[0]
+        validate_counts(x, allow_noncounts, where=f"{source.where} (rows {start}..{stop - 1})")
+        x.sum_duplicates()
+        x.eliminate_zeros()
+        st.canonical_nnz[start:stop] = np.diff(x.indptr)
+        total = np.asarray(x.sum(1), dtype=np.float64).ravel()
+        if not np.isfinite(total).all():
+            raise InputError(f"{source.where}: the counts of some cells sum beyond the float range; expected raw counts")
+        keep = total > 0
+        st.cell_mask[start:stop] = keep
+        lo, hi = np.searchsorted(st.sample_rows, [start, stop])
+        if hi > lo:
+            st.sample.append(x[st.sample_rows[lo:hi] - start])
+        if not keep.all():
+            x, total = x[keep], total[keep]
+        # the same float32 arithmetic as preprocess._log_normalise, so the statistics match the in-memory path
+        norm = sp.csr_matrix(sp.diags((TARGET_SUM / total).astype(np.float32)) @ x, dtype=np.float32)
+        logn = norm.copy()
+        np.log1p(logn.data, out=logn.data)
+        n64 = norm.data.astype(np.float64)
+        l64 = logn.data.astype(np.float64)
+        cols = norm.indices
+        st.detected += np.bincount(cols, minlength=g)
+        st.sum_norm += np.bincount(cols, n64, minlength=g)
+        st.sumsq_norm += np.bincount(cols, n64 * n64, minlength=g)
+        st.sum_logn += np.bincount(cols, l64, minlength=g)
+        st.sumsq_logn += np.bincount(cols, l64 * l64, minlength=g)
+        st.n_kept += int(keep.sum())
+    if st.n_kept == 0:
+        raise InputError(f"all {source.n_obs} cells of {source.where} have zero counts; nothing to cluster")
+    return st
+
+
+def select_hvg(st: StreamStats, n_top_genes: int) -> np.ndarray:
+    """Column indices of the highly variable genes, scanpy's ``seurat`` flavour, from streamed sums.
+
+    Among detected genes (all of them when there are at most ``n_top_genes``): mean and variance
+    (ddof 1) of the normalised counts, log dispersion var/mean normalised within 20 equal-width bins
+    of log1p(mean), top ``n_top_genes`` by normalised dispersion, as ``sc.pp.highly_variable_genes``.
+    """
+    detected = np.flatnonzero(st.detected > 0)
+    if detected.size == 0:
+        raise InputError("no gene has a non-zero count in the kept cells; nothing to cluster")
+    if detected.size <= n_top_genes:
+        return detected
+    n = st.n_kept
+    mean = st.sum_norm[detected] / n
+    var = (st.sumsq_norm[detected] - n * mean**2) / max(n - 1, 1)
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dispersion = np.log(dispersion)
+    mean = np.log1p(mean)
+    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=_HVG_BINS)
+    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
+    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
+    single = bin_std.isnull()  # a bin with one gene: its normalised dispersion is 1, as in scanpy
+    bin_std[single] = bin_mean[single]
+    bin_mean[single] = 0
+    norm = ((df["dispersions"].to_numpy() - bin_mean[df["mean_bin"]].to_numpy())
+            / bin_std[df["mean_bin"]].to_numpy())
+    norm = np.nan_to_num(norm.astype(np.float64), nan=-np.inf)
+    if not np.isfinite(norm).any():  # no defined dispersion: fall back to the largest variances
+        return np.sort(detected[np.argsort(-var, kind="stable")[:n_top_genes]])
+    cutoff = np.sort(norm)[::-1][n_top_genes - 1]
+    return detected[norm >= cutoff]
+
+
+def gene_stats(st: StreamStats, cols: np.ndarray, var_names: pd.Index, median_library: float) -> GeneStats:
+    """GeneStats of the selected columns (mean/std of log-normalised values, ddof 1, as prepare)."""
+    n = st.n_kept
+    mean = st.sum_logn[cols] / n
+    var = np.maximum(st.sumsq_logn[cols] / n - mean**2, 0.0) * n / max(n - 1, 1)
+    std = np.sqrt(var)
+    std[std == 0] = 1.0
+    return GeneStats(np.asarray(var_names[cols]).astype(str), mean.astype(np.float32), std.astype(np.float32),
+                     float(median_library))
+
+
+# ----------------------------------------------------------------------------- the fit
+def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None, labels_key: str | None = None,
+                    resume: bool = False, chunk_rows: int = CHUNK_ROWS):
+    """Fit ``model`` (:class:`~schashformer.model.SCHashFormer`) on every cell of ``source`` out of core.
+
+    Trains on a random subsample of ``model.config.train_cells`` cells (seeded by ``model.seed``)
+    with gene statistics from all cells, then hashes, encodes and assigns every cell in streaming
+    passes. Sets the fitted attributes as :meth:`SCHashFormer.fit` does (``labels_``, ``embedding_``,
+    ``codes_``, ``bucket_stats_``, ``timings_`` with one entry per pass) plus ``train_rows_``
+    (the subsample) and ``out_of_core_ = True``.
+    """
+    from .model import _peak_rss_gib
+    from .validate import resolve
+
+    cfg = model.config
+    n = source.n_obs
+    for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
+        if key is not None and key not in source.obs:
+            raise InputError(f"{what} {key!r} is not a column of obs (columns: {list(source.obs.columns)})")
+    if model.n_clusters is not None and model.n_clusters > n:
+        raise ParameterError(f"n_clusters={model.n_clusters} is larger than the number of cells ({n})")
+    timings = {}
+    start_time = [time.perf_counter()]
+
+    def done(name: str):
+        now = time.perf_counter()
+        timings[name] = {"seconds": round(now - start_time[0], 3), "peak_rss_gib": round(_peak_rss_gib(), 3)}
+        log.info("%s: %.1f s", name, timings[name]["seconds"])
+        start_time[0] = now
+
+    m = int(min(cfg.train_cells, n))
+    sample_rows = np.sort(np.random.default_rng(model.seed).choice(n, size=m, replace=False))
+    resources.check_fits(out_of_core_bytes(source, m, model.n_clusters or 64, cfg),
+                         f"clustering {n} cells x {source.n_vars} genes out of core",
+                         "free memory, lower train_cells, or use a machine with more")
+
+    st = scan(source, sample_rows, allow_noncounts=model.allow_noncounts, chunk_rows=chunk_rows,
+              progress=model.progress)
+    cols = select_hvg(st, model.n_top_genes)
+    sub = ad.AnnData(sp.vstack(st.sample, format="csr") if st.sample else sp.csr_matrix((0, source.n_vars)),
+                     obs=source.obs.iloc[sample_rows].copy())
+    sub.var_names = source.var_names
+    st.sample = []
+    # median library of the selected genes: from the subsample (the size-factor denominator only)
+    lib = np.asarray(sub.X[:, cols].sum(1)).ravel()
+    lib = lib[lib > 0]
+    stats = gene_stats(st, cols, source.var_names, float(np.median(lib)) if lib.size else 1.0)
+    model._stream_scan_ = st  # kept for the checksum (canonical non-zeros per row)
+    done("read_statistics")
+
+    model.fit(sub, batch_key=batch_key, labels_key=labels_key, resume=resume, stats=stats)
+    sub_timings = {f"train_{k}": v for k, v in model.timings_.items()}
+    timings.update(sub_timings)
+    start_time[0] = time.perf_counter()
+    del sub
+
+    device = next(model.indexer_.parameters()).device
+    batch_index = _batch_codes(source.obs, batch_key, model.batch_categories_)
+    codes, h, tokens, cell_mask = hash_all(model, source, batch_index, chunk_rows=chunk_rows)
+    done("hash_all")
+
+    z = encode_all(model, tokens, codes, h, device)
+    del tokens
+    done("encode_all")
+    labels = assign_all(model, z, device)
+    done("assign_all")
+
+    from .preprocess import expand_to_cells
+
+    model.labels_ = expand_to_cells(labels, cell_mask, -1)
+    model.embedding_ = expand_to_cells(z, cell_mask, 0.0)
+    model.codes_ = expand_to_cells(codes, cell_mask, -1)
+    lab = None if labels_key is None else np.asarray(source.obs[labels_key])[cell_mask]
+    model.bucket_stats_ = buckets.bucket_stats(codes, lab)
+    model.n_removed_cells_ = int((~cell_mask).sum())
+    model.train_rows_ = sample_rows
+    model.out_of_core_ = True
+    model.timings_ = timings
+    return model
+
+
+def _batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list) -> np.ndarray | None:
+    if batch_key is None:
+        return None
+    col = obs[batch_key].astype(str)
+    codes = pd.Categorical(col, categories=[str(c) for c in categories]).codes
+    if (codes < 0).any():
+        bad = col[codes < 0].iloc[0]
+        raise InputError(f"batch {bad!r} of {batch_key!r} is not among the training subsample's batches "
+                         f"({len(categories)}); raise train_cells so every batch is sampled")
+    return codes.astype(np.int64)
+
+
+def _autocast(device: torch.device):
+    """Mixed precision for inference on CUDA (bfloat16 where supported); nothing on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def hash_all(model, source: CountSource, batch_index: np.ndarray | None = None, *, chunk_rows: int = CHUNK_ROWS):
+    """Second pass: bucket ids (cells, H), continuous codes (cells, H, b), tokens (cells, T), kept-cell mask.
+
+    Each chunk is prepared with the model's gene statistics (:func:`prepare` with ``stats``),
+    standardised one minibatch at a time, hashed by the stage-1 indexer and projected on the
+    token principal axes; only per-cell results are kept.
+    """
+    from .preprocess import prepare
+
+    indexer, cfg = model.indexer_, model.config
+    indexer.eval()
+    device = next(indexer.parameters()).device
+    axes = None if model.token_axes_ is None else torch.from_numpy(model.token_axes_).to(device)
+    n_heads, n_bits = indexer.n_heads, indexer.n_bits
+    codes, hs, toks, masks = [], [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prepare's per-chunk warnings (none expected: same genes)
+        for start, block in source.chunks(chunk_rows, "hashing all cells", model.progress):
+            prep = prepare(source.chunk_adata(start, block), allow_noncounts=True, stats=model.stats_)
+            masks.append(prep.cell_mask)
+            for s in range(0, prep.n_cells, cfg.infer_batch):
+                rows = np.arange(s, min(s + cfg.infer_batch, prep.n_cells))
+                x = torch.from_numpy(prep.standardised(rows)).to(device)
+                with _autocast(device):
+                    hidden, h = indexer(x)
+                    pcs = None if axes is None else x @ axes
+                hidden, h = hidden.float(), h.float()
+                codes.append(indexer.codes(h).cpu().numpy())
+                hs.append(h.cpu().numpy().astype(np.float32))
+                tok = hidden if pcs is None else torch.cat([hidden, model.token_scale_ * pcs.float()], 1)
+                toks.append(tok.cpu().numpy().astype(np.float32))
+    cat = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.float32)  # noqa: E731
+    return (cat(codes, (0, n_heads)).astype(np.int64), cat(hs, (0, n_heads, n_bits)),
+            cat(toks, (0, model.encoder_.n_latent)), np.concatenate(masks))
+
+
+@torch.no_grad()
+def encode_all(model, tokens: np.ndarray, codes: np.ndarray, h: np.ndarray, device: torch.device) -> np.ndarray:
+    """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells."""
+    from .train import Stage2, sorted_orders
+
+    stage2 = Stage2(model.encoder_, model.decoder_, model.head_, SimpleNamespace(device=device), tokens,
+                    sorted_orders(codes, h), model.config, np.random.default_rng(model.seed))
+    with _autocast(device):
+        return stage2.embed_all().astype(np.float32)
+
+
+@torch.no_grad()
+def assign_all(model, z: np.ndarray, device: torch.device, batch: int = 65536) -> np.ndarray:
+    """argmax of the Student-t soft assignment per cell, in batches (never cells x cells)."""
+    model.head_.eval()
+    out = [model.head_(torch.from_numpy(z[s:s + batch]).to(device)).argmax(1).cpu().numpy()
+           for s in range(0, len(z), batch)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+# ----------------------------------------------------------------------------- memory and checksum
+def out_of_core_bytes(source: CountSource, train_cells: int, n_clusters: int, cfg) -> int:
+    """Low estimate of the memory :func:`fit_out_of_core` holds: the training subsample as the
+    in-memory fit needs it, one chunk, and the per-cell arrays of the inference passes."""
+    nnz_per_row = _nnz_per_row(source)
+    sub_nnz = int(train_cells * nnz_per_row)
+    sub = resources.fit_bytes(sp.csr_matrix((train_cells, source.n_vars)), n_clusters, cfg) + \
+        4 * sub_nnz * resources.CSR_BYTES_PER_VALUE
+    chunk = int(CHUNK_ROWS * nnz_per_row * resources.CSR_BYTES_PER_VALUE * 3)
+    token = cfg.hash_latent + cfg.token_pcs
+    bits = cfg.bits_for(train_cells)
+    per_cell = 4 * (2 * token + cfg.hash_heads * bits) + 8 * cfg.hash_heads * 2 + 8
+    return int(sub + chunk + source.n_obs * per_cell)
+
+
+def _nnz_per_row(source: CountSource) -> float:
+    x = source._x
+    if hasattr(x, "group") and "data" in getattr(x, "group", {}):  # anndata sparse_dataset
+        return x.group["data"].shape[0] / max(source.n_obs, 1)
+    if sp.issparse(x):
+        return x.nnz / max(source.n_obs, 1)
+    return float(source.n_vars)  # dense: an upper bound
+
+
+def data_checksum(source: CountSource, st: StreamStats | None = None, chunk_rows: int = CHUNK_ROWS) -> str:
+    """:func:`schashformer.record.data_checksum` of the whole matrix, computed chunk by chunk.
+
+    Same bytes in the same order (shape, indptr, indices, data of the canonical CSR), so a file and the
+    same counts in memory give the same checksum. Reuses the per-row counts of :func:`scan` if given.
+    """
+    if st is None or st.canonical_nnz is None:
+        nnz = np.concatenate([np.diff(_canonical(x).indptr) for _, x in source.chunks(chunk_rows)]) \
+            if source.n_obs else np.zeros(0, np.int64)
+    else:
+        nnz = st.canonical_nnz
+    digest = hashlib.sha256(np.asarray((source.n_obs, source.n_vars), dtype=np.int64).tobytes())
+    indptr = np.zeros(source.n_obs + 1, np.int64)
+    np.cumsum(nnz, out=indptr[1:])
+    digest.update(indptr.tobytes())
+    del indptr
+    for part, dtype in (("indices", np.int64), ("data", np.float32)):
+        for _, x in source.chunks(chunk_rows):
+            digest.update(np.ascontiguousarray(getattr(_canonical(x), part), dtype=dtype).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _canonical(x: sp.csr_matrix) -> sp.csr_matrix:
+    x.sum_duplicates()
+    x.eliminate_zeros()
+    return x
+
+
+# ----------------------------------------------------------------------------- results on disk
+def write_result_h5ad(source_path: Path, target: Path, obs: pd.DataFrame, obsm: dict, uns: dict) -> Path:
+    """``target`` = the input file plus the results: a file copy (X never loaded), then obs, obsm and
+    uns entries written with anndata's ``write_elem``. Atomic (hidden temporary file, then rename)."""
+    from anndata.io import read_elem, write_elem
+
+    from .io import _safe_frame, _safe_uns
+
+    tmp = target.with_name("." + target.name + ".tmp")
+    try:
+        shutil.copyfile(source_path, tmp)
+        with h5py.File(tmp, "a") as f:
+            del f["obs"]
+            write_elem(f, "obs", _safe_frame(obs))
+            for key, value in obsm.items():
+                if "obsm" not in f:
+                    write_elem(f, "obsm", {})
+                if key in f["obsm"]:
+                    del f["obsm"][key]
+                write_elem(f["obsm"], key, value)
+            old = read_elem(f["uns"]) if "uns" in f else {}
+            if "uns" in f:
+                del f["uns"]
+            write_elem(f, "uns", _safe_uns({**old, **uns}, "uns"))
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
