@@ -284,7 +284,7 @@ def _write_chunks(out: Path, chunks, n_cells: int, var: pd.DataFrame, cats: list
         bar = tqdm(total=n_cells, desc="simulate", unit="cells", disable=not progress)
         for x, t in chunks:
             if pos == 0:
-                write_elem(f, "X", x, dataset_kwargs={"maxshape": (None,), "chunks": (1 << 18,)})
+                write_elem(f, "X", x, dataset_kwargs={"chunks": (1 << 18,)})  # resizable (anndata), 1 MiB chunks
                 xs = sparse_dataset(f["X"])
             else:
                 xs.append(x)
