@@ -85,14 +85,71 @@ def clustering_scores(y_true, y_pred) -> dict:
     }
 
 
-def per_label_scores(y_true, y_pred) -> pd.DataFrame:
-    """Per true label (index, as strings): n_cells, fraction, matched_cluster ("" if none), precision, recall, f1."""
+MATCHINGS = ("hungarian", "majority")
+
+
+def _label_map(t: np.ndarray, p: np.ndarray, matching: str) -> tuple[np.ndarray, dict]:
+    """Labels and the cluster -> label map: one-to-one (Hungarian) or each cluster to its majority label."""
+    if matching not in MATCHINGS:
+        raise ParameterError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    labels, table, mapping = _matching(t, p)
+    if matching == "majority":
+        clusters = np.unique(p)
+        mapping = {c: labels[table[:, j].argmax()] for j, c in enumerate(clusters)}
+    return labels, mapping
+
+
+def per_label_scores(y_true, y_pred, matching: str = "hungarian") -> pd.DataFrame:
+    """Per true label (index, as strings): n_cells, fraction, matched_cluster, precision, recall, f1.
+
+    ``matching="hungarian"`` (default): one cluster per label, the one-to-one matching of
+    :func:`clustering_scores` (``matched_cluster`` is "" for a label left without a cluster).
+    ``matching="majority"``: every cluster goes to its majority label, so a label may collect
+    several clusters (``matched_cluster`` joins them with ","), which suits methods that return
+    more clusters than labels (e.g. Leiden at a fixed resolution). A cell is predicted as the
+    label its cluster maps to; precision, recall and F1 follow.
+    """
     t, p, _ = _prepare(y_true, y_pred)
-    labels, _, mapping = _matching(t, p)
-    inverse = {lab: c for c, lab in mapping.items()}
+    labels, mapping = _label_map(t, p, matching)
+    inverse: dict[str, list[str]] = {}
+    for c, lab in sorted(mapping.items()):
+        inverse.setdefault(lab, []).append(c)
     prec, rec, f1, n = skm.precision_recall_fscore_support(t, _mapped(p, mapping), labels=labels, zero_division=0)
     return pd.DataFrame(
-        {"n_cells": n, "fraction": n / len(t), "matched_cluster": [inverse.get(lab, "") for lab in labels],
+        {"n_cells": n, "fraction": n / len(t), "matched_cluster": [",".join(inverse.get(lab, [])) for lab in labels],
          "precision": prec, "recall": rec, "f1": f1},
         index=pd.Index(labels, name="label"),
     )
+
+
+def per_cluster_scores(y_true, y_pred) -> pd.DataFrame:
+    """Per predicted cluster (index, as strings): how well it captures one label.
+
+    Columns: n_cells, majority_label (most frequent true label in the cluster), precision (its
+    share of the cluster, i.e. purity), recall (share of that label's cells that fall in the
+    cluster), f1, and hungarian_label (the label the one-to-one matching gives it, "" if none).
+    """
+    t, p, _ = _prepare(y_true, y_pred)
+    labels, table, mapping = _matching(t, p)
+    clusters = np.unique(p)
+    major = table.argmax(0)
+    hits = table[major, np.arange(clusters.size)]
+    size, label_size = table.sum(0), table.sum(1)[major]
+    prec, rec = hits / size, hits / label_size
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-300), 0.0)
+    return pd.DataFrame(
+        {"n_cells": size, "majority_label": labels[major], "precision": prec, "recall": rec, "f1": f1,
+         "hungarian_label": [mapping.get(c, "") for c in clusters]},
+        index=pd.Index(clusters, name="cluster"),
+    )
+
+
+def rare_label_scores(y_true, y_pred, max_fraction: float = 0.02, matching: str = "hungarian") -> pd.DataFrame:
+    """:func:`per_label_scores` restricted to rare labels: those holding < ``max_fraction`` of the labeled cells.
+
+    An empty table (same columns) when no label is that rare.
+    """
+    if not 0 < float(max_fraction) <= 1:
+        raise ParameterError(f"max_fraction must be in (0, 1], got {max_fraction!r}")
+    table = per_label_scores(y_true, y_pred, matching=matching)
+    return table[table["fraction"] < max_fraction]

@@ -1,0 +1,246 @@
+"""Label transfer: map query cells onto a trained model and vote among reference neighbours.
+
+Data flow: query counts -> the model's genes (missing filled with zeros, extra ignored, both
+with a warning) -> trained hasher (bucket codes per hash head) -> stage-2 tokens -> embedding z.
+Candidate neighbours of a query cell are the reference cells next to it in each head's sorted
+hash order (the same sort-and-chunk order that stage 2 attends over, :mod:`schashformer.buckets`):
+a query cell's key is located in the reference's sorted keys by binary search and the ``window``
+reference cells on either side are taken, per head. The ``n_neighbors`` nearest candidates in z
+vote, weighted by inverse distance. Cost O(query x heads x window) plus O(cells log cells) for the
+sort: no all-pairs distances and no global kNN index.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .data import CellData
+from .errors import InputError, ParameterError
+from .preprocess import Prepared, prepare
+from .train import Stage2, hash_cells, token_features
+from .validate import check_adata, is_int
+
+UNKNOWN = "unknown"
+
+
+@dataclass
+class Mapped:
+    """Cells embedded by a trained model: rows are the kept cells (``prep.cell_mask``)."""
+
+    prep: Prepared
+    codes: np.ndarray  # (cells, heads) bucket ids
+    keys: np.ndarray  # (cells, heads) float64 sort keys: bucket id, then position inside the bucket
+    z: np.ndarray  # (cells, latent) embedding
+
+
+def sort_keys(codes: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """(cells, heads) scalar keys whose order is :func:`schashformer.train.sorted_orders`' order.
+
+    The continuous tie-break ``h @ 2^-i`` lies in [0, 2), so ``code * 4 + tie`` sorts by code first.
+    """
+    tie = h @ (2.0 ** -np.arange(h.shape[2]))
+    return codes.astype(np.float64) * 4.0 + tie
+
+
+def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str = "query") -> Mapped:
+    """Hash and embed ``adata`` with a fitted :class:`~schashformer.SCHashFormer` (cells attend within their own set)."""
+    model._check_fitted()
+    genes = pd.Index(np.asarray(model.stats_.genes).astype(str))
+    extra = int((~pd.Index(np.asarray(adata.var_names).astype(str)).isin(genes)).sum())
+    if extra and where != "reference":  # the reference is usually the training data: all but the model's genes are extra
+        warnings.warn(f"{where}: {extra} of its {adata.n_vars} genes are not among the model's {len(genes)} genes "
+                      "and are ignored", UserWarning, stacklevel=3)
+    with warnings.catch_warnings():
+        # name the data set in the missing-genes warning of prepare
+        warnings.simplefilter("ignore", UserWarning)
+        missing = int((~genes.isin(np.asarray(adata.var_names).astype(str))).sum())
+        prep = prepare(adata, layer=layer, allow_noncounts=model.allow_noncounts, stats=model.stats_)
+    if missing:
+        warnings.warn(f"{where}: {missing} of the model's {len(genes)} genes are missing and filled with zeros",
+                      UserWarning, stacklevel=3)
+    data = CellData(prep, device=model.head_.centres.device)
+    codes, h, hidden = hash_cells(model.indexer_, data, model.config.infer_batch)
+    tokens, _ = token_features(prep, hidden, model.token_axes_, model.token_scale_)
+    keys = sort_keys(codes, h)
+    orders = [np.argsort(keys[:, k], kind="stable") for k in range(keys.shape[1])]
+    stage2 = Stage2(model.encoder_, model.decoder_, model.head_, data, tokens, orders, model.config,
+                    np.random.default_rng(model.seed))
+    return Mapped(prep, codes, keys, stage2.embed_all())
+
+
+def hash_candidates(ref_keys: np.ndarray, query_keys: np.ndarray, window: int) -> np.ndarray:
+    """Reference cells next to each query cell in every head's sorted hash order.
+
+    Parameters
+    ----------
+    ref_keys : (reference cells, heads) sort keys (:func:`sort_keys`).
+    query_keys : (query cells, heads) sort keys of the same hasher.
+    window : reference cells taken on each side of the query's position, per head.
+
+    Returns
+    -------
+    (query cells, heads * 2 * window) reference indices, -1 where a window runs off the order
+    or repeats a cell found by an earlier head.
+    """
+    n_ref, n_heads = ref_keys.shape
+    offsets = np.arange(-window, window)
+    out = []
+    for k in range(n_heads):
+        order = np.argsort(ref_keys[:, k], kind="stable")
+        pos = np.searchsorted(ref_keys[order, k], query_keys[:, k])  # where the query would sit in the order
+        idx = pos[:, None] + offsets[None, :]
+        valid = (idx >= 0) & (idx < n_ref)
+        out.append(np.where(valid, order[np.clip(idx, 0, n_ref - 1)], -1))
+    cand = np.sort(np.concatenate(out, axis=1), axis=1)
+    cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1  # the same reference cell found by several heads
+    return cand
+
+
+def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candidates: np.ndarray, n_neighbors: int,
+         n_labels: int, block: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distance-weighted vote of the ``n_neighbors`` nearest candidates in z.
+
+    ``ref_labels`` are integer codes in [0, n_labels) (-1: unlabeled, never a candidate).
+    Weights are 1 / distance, relative to the nearest candidate's distance so that exact
+    duplicates do not take all the weight. Returns (label code (query,), confidence = winning
+    weight share (query,), mean distance to the chosen neighbours (query,)); a query cell without
+    any candidate gets label -1 and confidence 0.
+    """
+    n = len(z_query)
+    best = np.full(n, -1, dtype=np.int64)
+    conf = np.zeros(n)
+    mean_d = np.full(n, np.inf)
+    cand = np.where((candidates >= 0) & (ref_labels[np.maximum(candidates, 0)] >= 0), candidates, -1)
+    k = min(n_neighbors, cand.shape[1])
+    for s in range(0, n, block):
+        c = cand[s:s + block]
+        d = np.sqrt(((z_ref[np.maximum(c, 0)] - z_query[s:s + block, None, :]) ** 2).sum(-1))
+        d[c < 0] = np.inf
+        near = np.argpartition(d, k - 1, axis=1)[:, :k]
+        dn = np.take_along_axis(d, near, axis=1)
+        lab = ref_labels[np.take_along_axis(c, near, axis=1)]
+        ok = np.isfinite(dn)
+        d0 = np.where(ok, dn, np.inf).min(1, keepdims=True)
+        w = np.where(ok, 1.0 / (dn + 0.1 * np.where(np.isfinite(d0), d0, 1.0) + 1e-12), 0.0)
+        tally = np.zeros((len(c), n_labels))
+        np.add.at(tally, (np.repeat(np.arange(len(c)), k), np.where(ok, lab, 0).ravel()), w.ravel())
+        total = tally.sum(1)
+        has = total > 0
+        best[s:s + block] = np.where(has, tally.argmax(1), -1)
+        conf[s:s + block] = np.where(has, tally.max(1) / np.where(has, total, 1), 0.0)
+        mean_d[s:s + block] = np.where(has, np.where(ok, dn, 0).sum(1) / np.maximum(ok.sum(1), 1), np.inf)
+    return best, conf, mean_d
+
+
+def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, n_neighbors: int = 15,
+                    window: int = 24, min_confidence: float = 0.5, layer: str | None = None,
+                    reference_layer: str | None = None) -> dict:
+    """Label transfer from ``reference`` to ``query`` through ``model``'s hash index.
+
+    Returns a dict: ``labels`` (query cells,) object array (``"unknown"`` below ``min_confidence``
+    and for cells with zero counts), ``predicted`` (the vote's winner before the threshold),
+    ``confidence`` (query cells,) float, ``embedding`` (query cells, latent), ``n_candidates``
+    (mean distinct candidates per query cell).
+    """
+    check_adata(query)
+    check_adata(reference)
+    if labels_key not in reference.obs:
+        raise InputError(f"labels_key {labels_key!r} is not a column of reference.obs "
+                         f"(columns: {list(reference.obs.columns)})")
+    for name, value, low in (("n_neighbors", n_neighbors, 1), ("window", window, 1)):
+        if not is_int(value) or value < low:
+            raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise ParameterError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+    raw = reference.obs[labels_key]
+    if raw.isna().all():
+        raise InputError(f"labels_key {labels_key!r}: every reference label is missing")
+    ref = map_cells(model, reference, layer=reference_layer, where="reference")
+    qry = map_cells(model, query, layer=layer, where="query")
+    names, codes = np.unique(raw[ref.prep.cell_mask].dropna().astype(str), return_inverse=True)
+    ref_labels = np.full(ref.prep.n_cells, -1, dtype=np.int64)
+    ref_labels[np.flatnonzero(raw[ref.prep.cell_mask].notna().to_numpy())] = codes
+    if UNKNOWN in names:
+        raise InputError(f"reference.obs[{labels_key!r}] already uses the label {UNKNOWN!r}, which marks "
+                         "low-confidence cells; rename it")
+    cand = hash_candidates(ref.keys, qry.keys, window)
+    best, conf, _ = vote(qry.z, ref.z, ref_labels, cand, n_neighbors, len(names))
+    predicted = np.where(best >= 0, names[np.maximum(best, 0)], UNKNOWN).astype(object)
+    called = np.where(conf >= min_confidence, predicted, UNKNOWN).astype(object)
+    n = query.n_obs
+    mask = qry.prep.cell_mask
+    out_labels = np.full(n, UNKNOWN, dtype=object)
+    out_pred = np.full(n, UNKNOWN, dtype=object)
+    out_conf = np.zeros(n)
+    emb = np.zeros((n, qry.z.shape[1]), dtype=np.float32)
+    out_labels[mask], out_pred[mask], out_conf[mask], emb[mask] = called, predicted, conf, qry.z
+    return {"labels": out_labels, "predicted": out_pred, "confidence": out_conf, "embedding": emb,
+            "categories": list(names), "n_candidates": float(((cand >= 0).sum(1)).mean())}
+
+
+def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model, n_neighbors: int = 15,
+             window: int = 24, min_confidence: float = 0.5, key_added: str = "schashformer_annotation",
+             layer: str | None = None, reference_layer: str | None = None, overwrite: bool = False,
+             copy: bool = False):
+    """Transfer ``reference.obs[labels_key]`` to ``query`` by nearest neighbours in the scHashFormer embedding.
+
+    Both data sets are embedded by the trained ``model`` (the query on the model's genes: missing
+    genes are filled with zeros and extra genes ignored, each with a warning). Candidate neighbours
+    of a query cell are the ``window`` reference cells on either side of it in every hash head's
+    sorted order (the hash index; no all-pairs search); the ``n_neighbors`` nearest in z vote,
+    weighted by inverse distance.
+
+    Parameters
+    ----------
+    query : AnnData of raw counts (cells x genes) to annotate.
+    reference : AnnData of raw counts with known labels, usually the data ``model`` was fitted on.
+    labels_key : ``reference.obs`` column of labels (missing labels are never voted for).
+    model : fitted :class:`~schashformer.SCHashFormer` (e.g. ``tl.cluster(..., return_model=True)``)
+        or the directory of a saved one.
+    n_neighbors : neighbours that vote.
+    window : candidates per side and hash head (up to ``2 * window * hash_heads`` per query cell).
+    min_confidence : cells whose winning vote share is below this are labelled ``"unknown"``.
+    key_added : keys written (below).
+    layer, reference_layer : layers holding the counts instead of ``.X``.
+    overwrite : replace results already stored under ``key_added``.
+    copy : annotate a copy of ``query`` and return it.
+
+    Writes (into ``query``)
+    -----------------------
+    ``obs[key_added]`` categorical label (reference labels + ``"unknown"``; cells with zero counts
+    are ``"unknown"``); ``obs[f"{key_added}_confidence"]`` (cells,) weighted vote share in [0, 1];
+    ``obsm[f"X_{key_added}"]`` (cells, latent) the query's embedding; ``uns[key_added]`` the
+    parameters, the reference's size and the fraction of unknown cells.
+
+    Returns
+    -------
+    The annotated copy if ``copy``, else None.
+    """
+    from .model import SCHashFormer
+
+    check_adata(query)
+    if not isinstance(model, SCHashFormer):
+        if model is None:
+            raise ParameterError("annotate needs model=: the fitted SCHashFormer of the reference "
+                                 "(tl.cluster(..., return_model=True)) or the directory it was saved to")
+        model = SCHashFormer.load(model)
+    query = query.copy() if copy else query
+    keys = {"obs": [key_added, f"{key_added}_confidence"], "obsm": [f"X_{key_added}"], "uns": [key_added]}
+    taken = [f"{where}[{k!r}]" for where, ks in keys.items() for k in ks if k in getattr(query, where)]
+    if taken and not overwrite:
+        raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
+    res = transfer_labels(model, query, reference, labels_key, n_neighbors=n_neighbors, window=window,
+                          min_confidence=min_confidence, layer=layer, reference_layer=reference_layer)
+    query.obs[key_added] = pd.Categorical(res["labels"], categories=res["categories"] + [UNKNOWN])
+    query.obs[f"{key_added}_confidence"] = res["confidence"].astype(np.float32)
+    query.obsm[f"X_{key_added}"] = res["embedding"]
+    query.uns[key_added] = {"labels_key": labels_key, "n_neighbors": int(n_neighbors), "window": int(window),
+                            "min_confidence": float(min_confidence), "n_reference_cells": int(reference.n_obs),
+                            "mean_candidates": res["n_candidates"],
+                            "unknown_fraction": float((res["labels"] == UNKNOWN).mean())}
+    return query if copy else None

@@ -1,0 +1,166 @@
+"""Label transfer (tl.annotate): hash-index candidates, the vote, keys written, warnings and the CLI."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from schashformer import io, tl
+from schashformer.annotate import UNKNOWN, hash_candidates, sort_keys, vote
+from schashformer.cli import main
+from schashformer.errors import InputError, ParameterError
+from tests.conftest import FAST, simulate_counts
+
+FAST_ARGS = [a for k, v in FAST.items() for a in ("--param", f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A model fitted on 400 simulated reference cells (4 types) and 200 held-out query cells."""
+    adata = simulate_counts(n_cells=600, n_genes=200, n_types=4, seed=11)
+    ref, qry = adata[:400].copy(), adata[400:].copy()
+    _, model = tl.cluster(ref, 4, progress=False, return_model=True, seed=0, **FAST)
+    return ref, qry, model
+
+
+def test_annotate_transfers_labels_and_writes_keys(fitted):
+    ref, qry, model = fitted
+    qry = qry.copy()
+    tl.annotate(qry, ref, "label", model=model, key_added="ann")
+    pred = qry.obs["ann"].astype(str).to_numpy()
+    truth = qry.obs["label"].astype(str).to_numpy()
+    called = pred != UNKNOWN
+    assert called.mean() > 0.8 and (pred[called] == truth[called]).mean() > 0.9
+    conf = qry.obs["ann_confidence"].to_numpy()
+    assert conf.min() >= 0 and conf.max() <= 1 and (conf[~called] < 0.5).all()
+    assert qry.obs["ann"].dtype.name == "category" and UNKNOWN in qry.obs["ann"].cat.categories
+    assert qry.obsm["X_ann"].shape == (200, ref.obsm["X_schashformer"].shape[1])
+    assert qry.uns["ann"]["labels_key"] == "label" and qry.uns["ann"]["mean_candidates"] <= 3 * 2 * 24
+    with pytest.raises(ParameterError, match="already hold results"):
+        tl.annotate(qry, ref, "label", model=model, key_added="ann")
+    # a stricter threshold only moves cells to "unknown"
+    strict = tl.annotate(qry, ref, "label", model=model, key_added="ann", min_confidence=0.99, overwrite=True,
+                         copy=True)
+    assert (strict.obs["ann"] == UNKNOWN).sum() >= (~called).sum()
+
+
+def test_annotate_embeds_reference_cells_where_the_model_put_them(fitted):
+    ref, _, model = fitted
+    res = tl.annotate(ref, ref, "label", model=model, key_added="self", min_confidence=0.0, copy=True)
+    np.testing.assert_allclose(res.obsm["X_self"], ref.obsm["X_schashformer"], atol=1e-4)
+    # each reference cell finds itself (distance 0) among its candidates: training labels come back
+    assert (res.obs["self"].astype(str) == ref.obs["label"].astype(str)).mean() > 0.95
+
+
+def test_annotate_gene_mismatch_warns_and_zero_cells_are_unknown(fitted):
+    ref, qry, model = fitted
+    q = qry[:, 10:].copy()  # 10 model genes missing
+    extra = sp.csr_matrix(np.ones((q.n_obs, 3), dtype=np.float32))
+    import anndata as ad
+
+    q = ad.concat([q, ad.AnnData(extra, obs=q.obs[[]], var=pd.DataFrame(index=["x1", "x2", "x3"]))], axis=1,
+                  merge="first")
+    q.obs["label"] = qry.obs["label"].to_numpy()
+    x = q.X.toarray()
+    x[0] = 0  # one cell with no counts
+    q.X = sp.csr_matrix(x)
+    with pytest.warns(UserWarning) as record:
+        tl.annotate(q, ref, "label", model=model)
+    messages = " ".join(str(w.message) for w in record)
+    assert "10 of the model's" in messages and "missing" in messages
+    extra = int((~q.var_names.isin(model.stats_.genes)).sum())  # x1..x3 and genes the model did not select
+    assert extra >= 3 and f"{extra} of its {q.n_vars} genes" in messages and "ignored" in messages
+    assert q.obs["schashformer_annotation"].iloc[0] == UNKNOWN
+    assert q.obs["schashformer_annotation_confidence"].iloc[0] == 0
+
+
+def test_annotate_errors(fitted, tmp_path):
+    ref, qry, model = fitted
+    with pytest.raises(InputError, match="labels_key 'nope'"):
+        tl.annotate(qry, ref, "nope", model=model, copy=True)
+    with pytest.raises(ParameterError, match="needs model="):
+        tl.annotate(qry, ref, "label", model=None, copy=True)
+    with pytest.raises(InputError, match="no saved scHashFormer model"):
+        tl.annotate(qry, ref, "label", model=tmp_path, copy=True)
+    with pytest.raises(ParameterError, match="min_confidence"):
+        tl.annotate(qry, ref, "label", model=model, min_confidence=1.5, copy=True)
+    bad = ref.copy()
+    bad.obs["label"] = bad.obs["label"].astype(str).replace("0", UNKNOWN)
+    with pytest.raises(InputError, match="already uses the label 'unknown'"):
+        tl.annotate(qry, bad, "label", model=model, copy=True)
+
+
+def test_hash_candidates_are_sort_neighbours_not_all_pairs():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(1000, 3))
+    h = rng.random((1000, 3, 4))
+    keys = sort_keys(codes, h)
+    cand = hash_candidates(keys, keys[:50], window=5)
+    assert cand.shape == (50, 3 * 2 * 5)  # bounded by heads x window, whatever the number of reference cells
+    for i in range(50):
+        found = cand[i][cand[i] >= 0]
+        assert i in found and len(np.unique(found)) == len(found)
+        # every candidate of head 0 sits within 5 places of the query in head 0's sorted order
+        order = np.argsort(keys[:, 0], kind="stable")
+        rank = np.empty(1000, int)
+        rank[order] = np.arange(1000)
+        close = found[np.abs(rank[found] - rank[i]) <= 5]
+        assert len(close) >= 5
+
+
+def test_vote_distance_weighted_by_hand():
+    z_ref = np.array([[0.0], [1.0], [1.1], [1.2], [10.0]])
+    labels = np.array([0, 1, 1, 1, -1])  # the last reference cell is unlabeled: never votes
+    cand = np.array([[0, 1, 2, 3, 4], [4, -1, -1, -1, -1]])
+    best, conf, _ = vote(np.array([[0.05], [9.9]]), z_ref, labels, cand, n_neighbors=4, n_labels=2)
+    assert best[0] == 0 and 0.5 < conf[0] < 1  # one very close label-0 cell outweighs three far label-1 cells
+    assert best[1] == -1 and conf[1] == 0  # no labeled candidate
+
+
+@pytest.fixture(scope="module")
+def cluster_out(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("annot_cli")
+    adata = simulate_counts(n_cells=400, seed=12)
+    adata[:300].copy().write_h5ad(tmp / "ref.h5ad")
+    adata[300:].copy().write_h5ad(tmp / "query.h5ad")
+    out = tmp / "ref_out"
+    argv = ["cluster", str(tmp / "ref.h5ad"), "--n-clusters", "3", "--labels-key", "label", "--out", str(out),
+            "--quiet", "--no-umap", *FAST_ARGS]
+    assert main(argv) == 0
+    return tmp, out
+
+
+def test_cli_annotate(cluster_out, capsys):
+    tmp, ref_out = cluster_out
+    assert (ref_out / "model" / "model.pt").is_file()
+    out = tmp / "annot"
+    argv = ["annotate", str(tmp / "query.h5ad"), "--reference", str(ref_out), "--labels-key", "label",
+            "--query-labels-key", "label", "--out", str(out), "--no-umap"]
+    assert main(argv) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["annotation.csv", "annotation.json", "confusion.png",
+                                                     "result.h5ad"]
+    table = pd.read_csv(out / "annotation.csv", index_col="cell")
+    assert list(table.columns) == ["label", "confidence"] and len(table) == 100
+    report = json.loads((out / "annotation.json").read_text())
+    assert report["accuracy"] > 0.85 and 0 <= report["unknown_fraction"] < 0.2
+    assert "schashformer_annotation" in io.read(out / "result.h5ad").obs
+    # results are not replaced without --overwrite; one line, exit 2
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite" in err and err.count("\n") == 0
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], "pass --model"),  # a reference file without a model
+    (["--model", "{tmp}/nowhere"], "no saved scHashFormer model"),
+])
+def test_cli_annotate_bad_reference(cluster_out, capsys, extra, match):
+    tmp, ref_out = cluster_out
+    argv = ["annotate", str(tmp / "query.h5ad"), "--reference", str(ref_out / "result.h5ad"), "--labels-key",
+            "label", "--out", str(tmp / "bad"), *[a.format(tmp=tmp) for a in extra]]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp / "bad").exists()
