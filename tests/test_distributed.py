@@ -114,8 +114,14 @@ def one_rank(monkeypatch):
     dist.destroy_process_group()
 
 
-def test_exchange_and_statistics_on_one_rank(one_rank):
+def test_exchange_and_statistics_on_one_rank(one_rank, shared_data):
     ctx = one_rank
+    # the X/Y .h5 shard reader (h5py row blocks) gives what the ordinary reader gives
+    path = shared_data / "mouse_bladder_cell_top2000.h5"
+    shard, n, first = D.read_shard(ctx, path)
+    full = shf.io.read(path)
+    assert (n, first) == (full.n_obs, 0) and list(shard.obs_names) == list(full.obs_names)
+    assert (shard.X != full.X).nnz == 0 and (shard.obs["label"].astype(str) == full.obs["label"].astype(str)).all()
     assert ctx.backend == "gloo" and ctx.world == 1
     # rows come back in the order asked for, dense and sparse
     store = D.RowStore(ctx, np.arange(10, 20))

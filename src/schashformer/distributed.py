@@ -297,7 +297,11 @@ def read_shard(ctx: Context, path: str | Path, *, format: str | None = None, lab
                 raise InputError(f"{path}: HDF5 file has no 2-D dataset 'X' (found: {sorted(f.keys())})")
             n = f["X"].shape[0]
             lo, hi = (int(b) for b in shard_bounds(n, ctx.world)[ctx.rank:ctx.rank + 2])
-            x = sp.csr_matrix(np.asarray(f["X"][lo:hi], dtype=np.float32))
+            io._check_dtype(path, f["X"].dtype)
+            block = 8192  # dense on disk: densify a block of rows at a time, never the whole shard
+            x = sp.vstack([sp.csr_matrix(np.asarray(f["X"][s:min(s + block, hi)], dtype=np.float32))
+                           for s in range(lo, hi, block)] or [sp.csr_matrix((0, f["X"].shape[1]), dtype=np.float32)],
+                          format="csr")
             y = f["Y"][lo:hi] if "Y" in f else None
         shard = ad.AnnData(x)
         shard.obs_names = [f"cell{i}" for i in range(lo, hi)]
@@ -968,7 +972,7 @@ def launch(argv: list[str], nproc: int) -> int:
 def strip_nproc(argv: list[str]) -> list[str]:
     """``argv`` without ``--nproc N`` / ``--nproc=N``."""
     out, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
