@@ -285,6 +285,10 @@ CASES = {
             InputError, r"batch_key 'donor' has 3 missing values"),
     "V35": (lambda t, m, f: lambda: tl.cluster(small(), 1, progress=False), ParameterError,
             r"n_clusters must be an integer >= 2, got 1"),
+    "V66": (lambda t, m, f: lambda: SCHashFormer(None, resolution=0), ParameterError,
+            r"resolution must be a number > 0 \(default 1\.0; higher gives more clusters\), got 0"),
+    "V67": (lambda t, m, f: lambda: tl.cluster(small(), resolution="abc", progress=False), ParameterError,
+            r"resolution must be a number > 0 .*got 'abc'"),
     "V36": (lambda t, m, f: lambda: tl.cluster(small(), 41, progress=False), ParameterError,
             r"n_clusters=41 is larger than the number of cells \(40\)"),
     "V37": (lambda t, m, f: lambda: tl.cluster(few_cells_with_counts(), 3, progress=False, **TINY), ParameterError,
@@ -401,6 +405,7 @@ def test_allow_noncounts_accepts_what_v24_refuses():
     (["cluster", "{inp}", "--n-clusters", "3", "--param", "hash_bits=0"], r"hash_bits must be in \[1, 62\]"),
     (["cluster", "{inp}", "--n-clusters", "3", "--param", "lr=abc"], r"parameter lr must be float, got 'abc'"),
     (["cluster", "{inp}", "--n-clusters", "3", "--n-top-genes", "0"], r"n_top_genes must be an integer >= 1"),
+    (["cluster", "{inp}", "--resolution", "-1"], r"resolution must be a number > 0"),
     (["cluster", "{tmp}/x.h5ad", "--n-clusters", "3"], r"cannot be read as h5ad"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, pattern):

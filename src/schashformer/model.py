@@ -210,17 +210,15 @@ class SCHashFormer:
 
         with self._stage("stage2_clustering"):
             if not known_k:
-                estimated = self._estimate_k(stage2, state if past("centres") else None)
+                self._estimate_k(stage2, state if past("centres") else None)
                 if ckpt is not None:
                     ckpt.modules["head"] = self.head_
                     ckpt.extra["n_clusters_estimated"] = int(self.n_clusters_)
             if past("centres"):
                 ckpt.load_modules(state)
                 kmeans_labels = state["kmeans_labels"].numpy()
-            elif known_k:
+            else:  # K given or estimated: k-means on z places the K centres (measured: better than Leiden's partition)
                 kmeans_labels = stage2.init_centres(self.seed)
-            else:
-                kmeans_labels = estimated  # _estimate_k placed the centres on this partition
             if ckpt is not None:
                 ckpt.extra["kmeans_labels"] = torch.from_numpy(np.asarray(kmeans_labels, dtype=np.int64))
                 if not past("centres"):
@@ -295,24 +293,20 @@ class SCHashFormer:
         self.decoder_ = ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
         self.head_ = None if self.n_clusters_ is None else ClusterHead(self.n_clusters_, z_dim).to(device)
 
-    def _estimate_k(self, stage2: Stage2, state: dict | None) -> np.ndarray | None:
-        """Estimate K on the pre-trained z (or take it from a checkpoint ``state`` past that point),
-        build the clustering head for it and return the estimated partition (None when resumed)."""
+    def _estimate_k(self, stage2: Stage2, state: dict | None) -> None:
+        """Estimate K on the pre-trained z (or take it from a checkpoint ``state`` past that point) and
+        build the clustering head for it. Only K is kept: k-means at that K then places the centres, as
+        when K is given (on the benchmark data the Leiden partition itself was a worse start)."""
         if state is not None:
-            self.n_clusters_, labels = int(state["n_clusters_estimated"]), None
+            self.n_clusters_ = int(state["n_clusters_estimated"])
         else:
             cfg = self.config
             z = stage2.embed_all()
-            self.n_clusters_, labels = n_clusters_mod.estimate(z, stage2.orders, cfg.chunk_size,
-                                                               resolution=self.resolution,
-                                                               n_neighbors=cfg.graph_neighbors, seed=self.seed)
+            self.n_clusters_, _ = n_clusters_mod.estimate(z, stage2.orders, cfg.chunk_size, resolution=self.resolution,
+                                                          n_neighbors=cfg.graph_neighbors, seed=self.seed)
             log.info("estimated number of clusters: %d (resolution %g)", self.n_clusters_, self.resolution)
         self.head_ = ClusterHead(self.n_clusters_, self.encoder_.n_latent).to(stage2.data.device)
         stage2.head = self.head_
-        if labels is not None:  # the centres start at the centroids of the estimated partition
-            with torch.no_grad():
-                self.head_.centres.copy_(torch.from_numpy(n_clusters_mod.centroids(z, labels)))
-        return labels
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
