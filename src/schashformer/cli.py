@@ -77,6 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="cluster the bundled 10x PBMC data set (4271 cells, 8 types) and print scores")
     demo.add_argument("--out", default="schashformer_demo", help="output directory (default: schashformer_demo)")
     _common(demo)
+    from .cli_scale import add_parsers as add_scale_parsers  # simulate; cluster --out-of-core
+
+    add_scale_parsers(sub)
     return parser
 
 
@@ -295,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import io
 
+        from . import cli_scale
+
+        if args.command in cli_scale.COMMANDS:  # simulate: writes one .h5ad, not a results directory
+            return cli_scale.main(args)
         out = Path(args.out)
         check_out_dir(out, args.overwrite, getattr(args, "resume", False))  # fail before any work
         if args.command == "rerun":
@@ -306,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                   + ("" if same else f" ({report['rerun']['n_cells_differing']} cells)"))
             _print_report(report, out)
             return 0
+        if args.command == "cluster":
+            params = _parse_params(args.param)
+            if cli_scale.wants_out_of_core(args, params.get("train_cells")):  # stream a large .h5ad
+                report = cli_scale.run_cluster_out_of_core(args, out, params)
+                _print_report(report, out)
+                return 0
         start = time.perf_counter()
         if args.command == "demo":
             adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
