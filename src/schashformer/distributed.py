@@ -108,7 +108,11 @@ def init(device: str = "auto", backend: str | None = None) -> Context:
     if device not in ("auto", "cpu", "cuda"):
         raise ParameterError(f"device must be auto, cpu or cuda with --nproc, got {device!r}")
     if want_cuda:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise ParameterError(f"local rank {local} has no GPU of its own ({torch.cuda.device_count()} GPUs): "
+                                 "start at most one process per GPU (--nproc) or use --device cpu")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
@@ -521,6 +525,9 @@ def hash_cells(indexer: LSHIndexer, data: CellData, batch: int):
     """Codes (cells, H), tie-break keys (cells, H) and hidden (cells, n_latent) of this rank's cells."""
     from .train import hash_cells as local_hash
 
+    if data.n_cells == 0:  # a shard whose cells all had zero counts
+        return (np.zeros((0, indexer.n_heads), np.int64), np.zeros((0, indexer.n_heads)),
+                np.zeros((0, indexer.encoder[-1].normalized_shape[0]), np.float32))
     codes, h, hidden = local_hash(indexer, data, batch)
     return codes, h @ (2.0 ** -np.arange(h.shape[2])), hidden
 
@@ -898,6 +905,8 @@ def run(args) -> int:
         start = time.perf_counter()
         shard, n_total, _ = agree(ctx, read_shard, ctx, args.input, format=args.format, labels_key=args.labels_key,
                                   transpose=args.transpose)
+        if n_total < ctx.world:
+            raise ParameterError(f"--nproc {ctx.world} is more processes than the {n_total} cells of {args.input}")
         if ctx.rank == 0:
             print(f"read {args.input}: {n_total} cells x {shard.n_vars} genes, {ctx.world} shards "
                   f"({ctx.backend}, {ctx.device.type})")
