@@ -66,7 +66,12 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
                          checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, **params)
     model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
     start = time.perf_counter()
-    checksum = record.data_checksum(count_matrix(adata, layer))
+    if getattr(model, "out_of_core_", False):  # the matrix may be on disk (backed): checksum chunk by chunk
+        from .streaming import CountSource, data_checksum
+
+        checksum = data_checksum(CountSource.from_anndata(adata, layer), getattr(model, "_stream_scan_", None))
+    else:
+        checksum = record.data_checksum(count_matrix(adata, layer))
     timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - start, 3)}}
     write_results(adata, model, key_added=key_added, labels_key=labels_key, batch_key=batch_key, layer=layer,
                   checksum=checksum, timings=timings)
