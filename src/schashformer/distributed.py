@@ -445,11 +445,11 @@ class _Stage1Loss(nn.Module):
         loss = (cfg.w_contrastive * terms["contrastive"] + cfg.w_balance * terms["balance"]
                 + cfg.w_quantisation * terms["quantisation"])
         local = torch.zeros((), device=x1.device)
-        if len(x1):
-            zinb = zinb_nll(counts, *ix.decoder(hidden1, sf, onehot)) * (len(x1) / n_batch)  # this rank's share
-            local = cfg.w_zinb * zinb if cfg.w_zinb > 0 else local
-        else:  # no rows here this step: still touch every parameter so DDP's reduction completes
+        if not len(x1):  # no rows here this step: still touch every parameter so DDP's reduction completes
             local = sum(p.sum() for p in self.parameters()) * 0.0
+        elif cfg.w_zinb > 0:
+            zinb = zinb_nll(counts, *ix.decoder(hidden1, sf, onehot)) * (len(x1) / n_batch)  # this rank's share
+            local = cfg.w_zinb * zinb
         # every rank holds the whole batch's in-batch terms: scale by W, DDP divides by W again
         return self.world * (local + loss), local.detach(), {k: v.detach() for k, v in terms.items()}
 
@@ -461,7 +461,7 @@ def train_indexer(ctx: Context, indexer: LSHIndexer, data: CellData, home: np.nd
     ``home`` (world + 1,) are the global-id bounds of each rank's kept cells.
     """
     n_global, n_genes = int(home[-1]), data.n_genes
-    model = _ddp(ctx, _Stage1Loss(indexer, cfg, ctx.world, ctx.rank))
+    model = _ddp(ctx, _Stage1Loss(indexer, cfg, ctx.world, ctx.rank), unused=cfg.w_zinb == 0)
     params = list(indexer.parameters())
     opt = _optimiser(params, cfg)
     batch = min(cfg.stage1_batch, n_global)
@@ -501,12 +501,15 @@ def train_indexer(ctx: Context, indexer: LSHIndexer, data: CellData, home: np.nd
     return history
 
 
-def _ddp(ctx: Context, module: nn.Module) -> DDP:
-    """DDP around ``module``; buffers are constants (bit weights, fixed projections): never re-sent per step."""
+def _ddp(ctx: Context, module: nn.Module, unused: bool = False) -> DDP:
+    """DDP around ``module``; buffers are constants (bit weights, fixed projections): never re-sent per step.
+
+    ``unused``: some parameters never get a gradient (the ablations ``w_zinb=0``, ``attention=False``).
+    """
     with warnings.catch_warnings():  # newer torch renames broadcast_buffers; the old name works on 2.2 .. 2.14
         warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
         return DDP(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                   broadcast_buffers=False)
+                   broadcast_buffers=False, find_unused_parameters=unused)
 
 
 def _global_loss(ctx: Context, loss: torch.Tensor, cfg: TrainConfig, stage: str, step: int) -> float:
@@ -647,7 +650,7 @@ class DistributedStage2:
     def _run(self, n_steps: int, with_kl: bool, progress: bool) -> None:
         cfg, ctx = self.cfg, self.ctx
         net = _Stage2Loss(self.encoder, self.decoder, self.head if with_kl else None, cfg, ctx.world)
-        model = _ddp(ctx, net)
+        model = _ddp(ctx, net, unused=not cfg.attention)
         params = [p for m in ([self.encoder, self.decoder] + ([self.head] if with_kl else [])) for p in m.parameters()]
         opt = _optimiser(params, cfg)
         batches = _ChunkCursor(self.orders, cfg, self.rng)  # same global draws on every rank
@@ -775,6 +778,9 @@ def fit(ctx: Context, shard: ad.AnnData, *, n_clusters: int, n_top_genes: int = 
     cfg = model.config
     if cfg.init != "kmeans":
         raise ParameterError("init='leiden' needs the whole hash kNN graph; with --nproc use init=kmeans")
+    if cfg.w_consistency > 0:
+        raise ParameterError("w_consistency > 0 (stage-2 InfoNCE between two dropout passes) is not available with "
+                             "--nproc; leave it at 0 (the default)")
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     rng = np.random.default_rng(seed)
