@@ -271,11 +271,12 @@ def agree(ctx: Context, fn, *args, **kwargs):
 
 # ----------------------------------------------------------------------------- reading a shard
 def read_shard(ctx: Context, path: str | Path, *, format: str | None = None, labels_key: str | None = None,
-               transpose: bool = False) -> tuple[ad.AnnData, int, int]:
+               transpose: bool = False, layer: str | None = None) -> tuple[ad.AnnData, int, int]:
     """This rank's contiguous shard of the cells of ``path``; returns (shard, total cells, first row).
 
-    ``.h5ad`` is opened in backed mode and X/Y ``.h5`` through h5py, so only the shard's rows are
-    read; other formats are read whole and sliced (they are small formats).
+    ``.h5ad`` is read through :class:`schashformer.streaming.CountSource` (row slices of ``X`` or
+    ``layer``; a ``.h5ad`` with ``layer`` gives a shard holding that layer only) and X/Y ``.h5``
+    through h5py, so only the shard's rows are read; other formats are read whole and sliced.
     """
     from . import io
 
@@ -283,16 +284,22 @@ def read_shard(ctx: Context, path: str | Path, *, format: str | None = None, lab
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     fmt = io._check_format(format) if format is not None else io._guess_format(path)
-    if fmt == "h5ad":
-        backed = ad.read_h5ad(path, backed="r")
+    if fmt == "h5ad":  # the out-of-core reader of the streaming path: CSR row slices, the rest stays on disk
+        from .streaming import CountSource
+
+        source = CountSource.from_h5ad(path, layer=layer)
         try:
-            n = backed.n_obs
-            lo, hi = shard_bounds(n, ctx.world)[ctx.rank:ctx.rank + 2]
-            shard = backed[int(lo):int(hi)].to_memory()
+            n = source.n_obs
+            lo, hi = (int(b) for b in shard_bounds(n, ctx.world)[ctx.rank:ctx.rank + 2])
+            rows = source.rows(lo, hi)
+            obs = source.obs.iloc[lo:hi].copy()
+            obs.index = obs.index.astype(str)
+            var = pd.DataFrame(index=source.var_names)
         finally:
-            backed.file.close()
-        shard.X = sp.csr_matrix(shard.X, dtype=np.float32)
-        return shard, n, int(lo)
+            source.close()
+        shard = ad.AnnData(rows, obs=obs, var=var) if layer is None else ad.AnnData(obs=obs, var=var,
+                                                                                    layers={layer: rows})
+        return shard, n, lo
     if fmt == "xy_h5":
         import h5py
 
@@ -910,7 +917,7 @@ def run(args) -> int:
             agree(ctx, lambda: None)
         start = time.perf_counter()
         shard, n_total, _ = agree(ctx, read_shard, ctx, args.input, format=args.format, labels_key=args.labels_key,
-                                  transpose=args.transpose)
+                                  transpose=args.transpose, layer=args.layer)
         if n_total < ctx.world:
             raise ParameterError(f"--nproc {ctx.world} is more processes than the {n_total} cells of {args.input}")
         if ctx.rank == 0:
