@@ -29,7 +29,6 @@ import hashlib
 import logging
 import shutil
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,8 +312,8 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
     del sub
 
     device = next(model.indexer_.parameters()).device
-    batch_index = _batch_codes(source.obs, batch_key, model.batch_categories_)
-    codes, h, tokens, cell_mask = hash_all(model, source, batch_index, chunk_rows=chunk_rows)
+    # batches enter only the ZINB decoders (training): inference needs none
+    codes, h, tokens, cell_mask = hash_all(model, source, chunk_rows=chunk_rows)
     done("hash_all")
 
     z = encode_all(model, tokens, codes, h, device)
@@ -337,18 +336,6 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
     return model
 
 
-def _batch_codes(obs: pd.DataFrame, batch_key: str | None, categories: list) -> np.ndarray | None:
-    if batch_key is None:
-        return None
-    col = obs[batch_key].astype(str)
-    codes = pd.Categorical(col, categories=[str(c) for c in categories]).codes
-    if (codes < 0).any():
-        bad = col[codes < 0].iloc[0]
-        raise InputError(f"batch {bad!r} of {batch_key!r} is not among the training subsample's batches "
-                         f"({len(categories)}); raise train_cells so every batch is sampled")
-    return codes.astype(np.int64)
-
-
 def _autocast(device: torch.device):
     """Mixed precision for inference on CUDA (bfloat16 where supported); nothing on the CPU."""
     if device.type != "cuda":
@@ -357,38 +344,60 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def chunk_logn(block: sp.csr_matrix, columns: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Log-normalised values of the model's genes for one chunk, and its kept-cell mask.
+
+    ``columns`` (model genes,) are the source column of each model gene. The arithmetic is that of
+    :func:`schashformer.preprocess.prepare` (size from all genes, float32), so values are identical;
+    only the model's columns are normalised and the raw counts are not kept (inference needs neither).
+    """
+    total = np.asarray(block.sum(1), dtype=np.float64).ravel()
+    keep = total > 0
+    x = block[keep][:, columns] if not keep.all() else block[:, columns]
+    logn = sp.csr_matrix(sp.diags((TARGET_SUM / total[keep]).astype(np.float32)) @ x, dtype=np.float32)
+    np.log1p(logn.data, out=logn.data)
+    return logn, keep
+
+
+def standardise(logn: sp.csr_matrix, stats: GeneStats) -> np.ndarray:
+    """Dense standardised rows (rows, genes) float32, clipped at +-CLIP, as ``Prepared.standardised``."""
+    x = logn.toarray()
+    x -= stats.mean
+    x /= stats.std
+    return np.clip(x, -CLIP, CLIP, out=x)
+
+
 @torch.no_grad()
-def hash_all(model, source: CountSource, batch_index: np.ndarray | None = None, *, chunk_rows: int = CHUNK_ROWS):
+def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
     """Second pass: bucket ids (cells, H), continuous codes (cells, H, b), tokens (cells, T), kept-cell mask.
 
-    Each chunk is prepared with the model's gene statistics (:func:`prepare` with ``stats``),
-    standardised one minibatch at a time, hashed by the stage-1 indexer and projected on the
-    token principal axes; only per-cell results are kept.
+    Each chunk is log-normalised on the model's genes (:func:`chunk_logn`), standardised one
+    minibatch at a time, hashed by the stage-1 indexer and projected on the token principal axes;
+    only per-cell results are kept.
     """
-    from .preprocess import prepare
-
-    indexer, cfg = model.indexer_, model.config
+    indexer, cfg, stats = model.indexer_, model.config, model.stats_
     indexer.eval()
     device = next(indexer.parameters()).device
     axes = None if model.token_axes_ is None else torch.from_numpy(model.token_axes_).to(device)
     n_heads, n_bits = indexer.n_heads, indexer.n_bits
+    columns = source.var_names.get_indexer(stats.genes)
+    if (columns < 0).any():
+        missing = str(stats.genes[np.flatnonzero(columns < 0)[0]])
+        raise InputError(f"{source.where}: {int((columns < 0).sum())} of the model's genes are missing (e.g. {missing!r})")
     codes, hs, toks, masks = [], [], [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # prepare's per-chunk warnings (none expected: same genes)
-        for start, block in source.chunks(chunk_rows, "hashing all cells", model.progress):
-            prep = prepare(source.chunk_adata(start, block), allow_noncounts=True, stats=model.stats_)
-            masks.append(prep.cell_mask)
-            for s in range(0, prep.n_cells, cfg.infer_batch):
-                rows = np.arange(s, min(s + cfg.infer_batch, prep.n_cells))
-                x = torch.from_numpy(prep.standardised(rows)).to(device)
-                with _autocast(device):
-                    hidden, h = indexer(x)
-                    pcs = None if axes is None else x @ axes
-                hidden, h = hidden.float(), h.float()
-                codes.append(indexer.codes(h).cpu().numpy())
-                hs.append(h.cpu().numpy().astype(np.float32))
-                tok = hidden if pcs is None else torch.cat([hidden, model.token_scale_ * pcs.float()], 1)
-                toks.append(tok.cpu().numpy().astype(np.float32))
+    for start, block in source.chunks(chunk_rows, "hashing all cells", model.progress):
+        logn, keep = chunk_logn(block, columns)
+        masks.append(keep)
+        for s in range(0, logn.shape[0], cfg.infer_batch):
+            x = torch.from_numpy(standardise(logn[s:s + cfg.infer_batch], stats)).to(device)
+            with _autocast(device):
+                hidden, h = indexer(x)
+                pcs = None if axes is None else x @ axes
+            hidden, h = hidden.float(), h.float()
+            codes.append(indexer.codes(h).cpu().numpy())
+            hs.append(h.cpu().numpy().astype(np.float32))
+            tok = hidden if pcs is None else torch.cat([hidden, model.token_scale_ * pcs.float()], 1)
+            toks.append(tok.cpu().numpy().astype(np.float32))
     cat = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.float32)  # noqa: E731
     return (cat(codes, (0, n_heads)).astype(np.int64), cat(hs, (0, n_heads, n_bits)),
             cat(toks, (0, model.encoder_.n_latent)), np.concatenate(masks))

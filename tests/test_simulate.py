@@ -1,0 +1,67 @@
+"""The reference-fitted count simulator (issue 4): fitted parameters, reproducibility, chunked writing."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from schashformer import io
+from schashformer.datasets import fit_reference, simulate
+from schashformer.errors import OutputExistsError, ParameterError
+
+
+@pytest.fixture(scope="module")
+def pbmc_small():
+    a = io.read_bundled_pbmc()
+    rows = np.random.default_rng(0).choice(a.n_obs, 1200, replace=False)
+    return a[np.sort(rows)].copy()
+
+
+@pytest.fixture(scope="module")
+def params(pbmc_small):
+    return fit_reference(pbmc_small, "label", name="PBMC-1200")
+
+
+def test_fitted_parameters(params, pbmc_small):
+    k, g = params.proportions.shape
+    assert k == pbmc_small.obs["label"].nunique() and g == pbmc_small.n_vars
+    assert np.allclose(params.proportions.sum(1), 1.0, atol=1e-3)
+    assert np.isclose(params.type_freq.sum(), 1.0) and (params.theta > 0).all()
+    assert ((params.mix_weights >= 0) & (params.mix_weights <= 0.5)).all()
+    assert np.allclose(params.mix_partner.sum(1), 1.0) and np.allclose(np.diag(params.mix_partner), 0.0)
+
+
+def test_simulated_counts_look_like_the_reference(params, pbmc_small):
+    sim = simulate(3000, like=params, seed=1)
+    x = sim.X
+    assert sp.issparse(x) and x.dtype == np.float32 and sim.shape == (3000, pbmc_small.n_vars)
+    assert np.array_equal(x.data, np.round(x.data)) and (x.data > 0).all()
+    ref_lib = np.median(np.asarray(pbmc_small.X.sum(1)).ravel())
+    sim_lib = np.median(np.asarray(x.sum(1)).ravel())
+    assert abs(sim_lib / ref_lib - 1) < 0.2, (sim_lib, ref_lib)
+    ref_density = pbmc_small.X.nnz / np.prod(pbmc_small.shape)
+    assert abs(x.nnz / np.prod(sim.shape) / ref_density - 1) < 0.25
+    assert set(sim.obs["cell_type"].cat.categories) == set(params.type_names)
+
+
+def test_seeded_and_prefix_consistent(params):
+    a = simulate(700, like=params, seed=3, chunk_cells=256)
+    b = simulate(700, like=params, seed=3, chunk_cells=256)
+    c = simulate(300, like=params, seed=3, chunk_cells=256)
+    d = simulate(700, like=params, seed=4, chunk_cells=256)
+    assert (a.X != b.X).nnz == 0
+    assert (a.X[:300] != c.X).nnz == 0 and np.array_equal(a.obs["cell_type"][:300], c.obs["cell_type"])
+    assert (a.X != d.X).nnz > 0
+
+
+def test_written_in_chunks_equals_in_memory(params, tmp_path):
+    path = simulate(600, like=params, seed=2, out=tmp_path / "sim.h5ad", chunk_cells=128)
+    mem = simulate(600, like=params, seed=2, chunk_cells=128)
+    disk = ad.read_h5ad(path)
+    assert (disk.X != mem.X).nnz == 0 and sp.issparse(disk.X)
+    assert np.array_equal(disk.obs["cell_type"].astype(str), mem.obs["cell_type"].astype(str))
+    assert list(disk.var_names) == list(mem.var_names)
+    with pytest.raises(OutputExistsError):
+        simulate(10, like=params, out=path)
+    with pytest.raises(ParameterError):
+        simulate(0, like=params)

@@ -1,0 +1,129 @@
+"""Out-of-core path (issue 4): streamed statistics equal the in-memory ones, chunks stay bounded,
+the fit labels every cell, the command line streams large .h5ad files."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from schashformer import record, resources
+from schashformer.errors import InputError, ResourceError
+from schashformer.model import SCHashFormer
+from schashformer.preprocess import prepare
+from schashformer.streaming import (CountSource, chunk_logn, data_checksum, fit_out_of_core, gene_stats, scan,
+                                    select_hvg)
+
+from .conftest import FAST, simulate_counts
+
+
+@pytest.fixture
+def big_sim():
+    """600 cells, 3 types, 200 genes, one cell without counts."""
+    a = simulate_counts(n_cells=600, n_genes=200, n_types=3, seed=5)
+    x = a.X.tolil()
+    x[7, :] = 0
+    a.X = x.tocsr()
+    return a
+
+
+def test_streamed_gene_statistics_equal_prepare(big_sim):
+    ref = prepare(big_sim, n_top_genes=50)
+    st = scan(CountSource.from_anndata(big_sim), np.arange(0), chunk_rows=37)
+    cols = select_hvg(st, 50)
+    stats = gene_stats(st, cols, big_sim.var_names, ref.stats.median_library)
+    assert list(stats.genes) == list(ref.stats.genes)
+    np.testing.assert_allclose(stats.mean, ref.stats.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.std, ref.stats.std, rtol=1e-5, atol=1e-6)
+    assert st.n_kept == 599 and not st.cell_mask[7]
+
+
+def test_chunk_logn_equals_prepare(big_sim):
+    ref = prepare(big_sim, n_top_genes=50)
+    columns = big_sim.var_names.get_indexer(ref.stats.genes)
+    logn, keep = chunk_logn(sp.csr_matrix(big_sim.X, dtype=np.float32), columns)
+    assert np.array_equal(keep, ref.cell_mask)
+    assert (logn != ref.logn).nnz == 0
+
+
+def test_sample_rows_kept_and_checksum_matches(big_sim):
+    x = big_sim.X.copy()
+    x[3, 5] = 0  # an explicit zero: the checksum is of the canonical matrix
+    big_sim.X = x
+    src = CountSource.from_anndata(big_sim)
+    rows = np.array([0, 40, 41, 599])
+    st = scan(src, rows, chunk_rows=41)
+    assert (sp.vstack(st.sample) != big_sim.X[rows]).nnz == 0
+    assert data_checksum(src, st, chunk_rows=41) == record.data_checksum(big_sim.X)
+    assert data_checksum(src, chunk_rows=100) == record.data_checksum(big_sim.X)
+
+
+def test_backed_file_read_in_bounded_chunks(big_sim, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    big_sim.write_h5ad(path)
+    src = CountSource.from_h5ad(path)
+    seen = []
+    real = src._x
+
+    class Spy:  # records every row slice asked of the file
+        shape = real.shape
+
+        def __getitem__(self, key):
+            seen.append(key.stop - key.start)
+            return real[key]
+
+    src._x = Spy()
+    assert (sp.vstack([b for _, b in src.chunks(64)]) != big_sim.X).nnz == 0
+    assert max(seen) <= 64
+    src.close()
+    big_sim.X = big_sim.X.tocsc()
+    big_sim.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(InputError, match="CSC"):
+        CountSource.from_h5ad(tmp_path / "csc.h5ad")
+
+
+def test_fit_out_of_core_labels_every_cell(big_sim, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    big_sim.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, train_cells=300, **FAST)
+    model.fit(backed, labels_key="label")  # backed AnnData: routed to the out-of-core path
+    assert model.out_of_core_ and len(model.train_rows_) == 300
+    assert model.labels_.shape == (600,) and model.labels_[7] == -1 and (np.delete(model.labels_, 7) >= 0).all()
+    assert model.embedding_.shape[0] == 600 and model.codes_.shape == (600, model.config.hash_heads)
+    assert {"read_statistics", "train_stage1_hashing", "hash_all", "encode_all", "assign_all"} <= set(model.timings_)
+    from sklearn.metrics import adjusted_rand_score
+
+    truth = big_sim.obs["label"].to_numpy()
+    keep = model.labels_ >= 0
+    assert adjusted_rand_score(truth[keep], model.labels_[keep]) > 0.8
+    # the streamed embedding of a training cell is what the trained model gives it in memory
+    z_mem = model.transform(big_sim[model.train_rows_[:50]].copy())
+    assert z_mem.shape == (50, model.embedding_.shape[1])
+
+
+def test_memory_guard_refuses_before_reading(big_sim, monkeypatch):
+    monkeypatch.setattr(resources, "available_bytes", lambda: 1000)
+    model = SCHashFormer(3, progress=False, train_cells=100, **FAST)
+    with pytest.raises(ResourceError, match="out of core"):
+        fit_out_of_core(model, CountSource.from_anndata(big_sim))
+
+
+def test_cli_streams_h5ad_and_simulates(tmp_path):
+    from schashformer import cli
+
+    sim = tmp_path / "sim.h5ad"
+    assert cli.main(["simulate", "--cells", "700", "--out", str(sim), "--quiet"]) == 0
+    out = tmp_path / "res"
+    params = [a for k, v in {**FAST, "train_cells": 400}.items() for a in ("--param", f"{k}={v}")]
+    rc = cli.main(["cluster", str(sim), "--n-clusters", "8", "--labels-key", "cell_type", "--out", str(out),
+                   "--no-umap", "--quiet", *params])
+    assert rc == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["out_of_core"] and report["n_cells"] == 700 and "ari" in report["metrics"]
+    res = ad.read_h5ad(out / "result.h5ad")
+    src = ad.read_h5ad(sim)
+    assert (res.X != src.X).nnz == 0  # the input copied, not rewritten
+    assert res.obs["schashformer"].notna().all() and res.obsm["X_schashformer"].shape[0] == 700
+    assert res.uns["schashformer"]["data_checksum"] == record.data_checksum(src.X)
