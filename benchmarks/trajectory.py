@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from schashformer import io
 from schashformer import io, pl, tl
+from schashformer.cli import _parse_params
 from schashformer.datasets import simulate_branching
 from schashformer.trajectory import pseudotime_correlation
 
@@ -74,8 +76,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["branching", "klein"])
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig field for every scHashFormer fit (e.g. shorter training on a busy machine)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
+    params = _parse_params(args.param)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, described = [], {}
@@ -85,8 +90,8 @@ def main() -> None:
             adata, root, truth, k, what = load(name, Path(args.data_dir), seed)
             described[name] = what
             start = time.perf_counter()
-            tl.cluster(adata, k, seed=seed, progress=False)
-            tl.trajectory(adata, root, seed=seed, umap=seed == args.seeds[0])
+            tl.cluster(adata, k, seed=seed, progress=False, **params)
+            tl.trajectory(adata, root, seed=seed, umap=False)  # plots on DC1-2: no numba compile
             rows.append({"dataset": name, "method": "scHashFormer embedding + DPT", "seed": seed,
                          **scores(adata, truth), "seconds": time.perf_counter() - start})
             if seed == args.seeds[0]:
@@ -102,25 +107,29 @@ def main() -> None:
                 print(f"{name} seed {seed} {r['method']}: Spearman {r['spearman']:.3f} ({r['seconds']:.0f} s)",
                       flush=True)
             pd.DataFrame(rows).to_csv(out / "trajectory.csv", index=False)
-    df = pd.DataFrame(rows)
-    total = (time.perf_counter() - start_all) / 60
+            write_md(pd.DataFrame(rows), args, described, out, (time.perf_counter() - start_all) / 60)
+    print((out / "trajectory.md").read_text())
+
+
+def write_md(df: pd.DataFrame, args, described: dict, out: Path, total: float) -> None:
+    """The markdown table of the rows so far (rewritten after each seed, so a cut-short run still has one)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     machine = (f"{os.cpu_count()}-core {platform.machine()} CPU, {ram:.0f} GiB, no GPU, shared with other jobs "
                "during the run (seconds are wall time, inflated by that sharing)")
     lines = [f"# Trajectories: Spearman correlation of diffusion pseudotime with the known order (seeds {args.seeds})",
              "", f"Machine: {machine}. Whole run: {total:.1f} min. Command: `python benchmarks/trajectory.py --seeds "
-             f"{' '.join(map(str, args.seeds))} --datasets {' '.join(args.datasets)}`", "",
+             f"{' '.join(map(str, args.seeds))} --datasets {' '.join(args.datasets)}"
+             + "".join(f" --param {p}" for p in args.param) + "`", "",
              "Mean ± sd over seeds (for the simulation each seed is also a new data set). Root: the first time "
              "point's cell most extreme along the first diffusion component. Plots: `trajectory_<data>.png`.", "",
              "| data set | method | Spearman | Spearman within lineage | s/run |", "|---|---|---|---|---|"]
     for (name, method), g in df.groupby(["dataset", "method"], sort=False):
-        within = (f"{g['spearman_within_lineage'].mean():.3f} ± {g['spearman_within_lineage'].std(ddof=1):.3f}"
+        within = (f"{g['spearman_within_lineage'].mean():.3f} ± {(g['spearman_within_lineage'].std(ddof=1) if len(g) > 1 else 0):.3f}"
                   if "spearman_within_lineage" in g and g["spearman_within_lineage"].notna().any() else "")
-        lines.append(f"| {name} | {method} | {g['spearman'].mean():.3f} ± {g['spearman'].std(ddof=1):.3f} | "
+        lines.append(f"| {name} | {method} | {g['spearman'].mean():.3f} ± {(g['spearman'].std(ddof=1) if len(g) > 1 else 0):.3f} | "
                      f"{within} | {g['seconds'].mean():.0f} |")
     lines += ["", *[f"- {n}: {d}" for n, d in described.items()]]
     (out / "trajectory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import schashformer as shf
 from schashformer import cli
 from schashformer.datasets import add_batch_effects
 from schashformer.errors import InputError, ParameterError
-from schashformer.integration import batch_asw, clisi, ilisi, integration_scores, kbet_acceptance, label_asw
+from schashformer.integration import align_batches, batch_asw, clisi, ilisi, integration_scores, kbet_acceptance, label_asw
 
 from .conftest import FAST, simulate_counts
 
@@ -96,27 +96,48 @@ def test_add_batch_effects_shifts_counts_not_types(shared_data):
         add_batch_effects(a, 1)
 
 
+def test_align_batches_aligns_within_clusters_only():
+    x, b, t = _blobs(12.0)
+    aligned = align_batches(x, b, t, shrinkage=0)
+    before, after = integration_scores(x, b, t, t), integration_scores(aligned, b, t, t)
+    assert after["ilisi"] > 0.8 > 0.1 > before["ilisi"] and after["kbet"] > 0.7
+    shrunk = integration_scores(align_batches(x, b, t), b, t, t)  # ~65 cells per group: offsets shrunk ~13%
+    assert after["ilisi"] > shrunk["ilisi"] > before["ilisi"] + 0.4
+    assert after["clisi"] > 0.95 and after["label_asw"] >= before["label_asw"] - 0.05  # types not merged
+    # a cluster seen in one batch only is left exactly where it was
+    only = (t == "0") & (b == "0")
+    t2 = np.where(only, "solo", t)
+    assert np.allclose(align_batches(x, b, t2)[only], x[only])
+    with pytest.raises(ParameterError, match="clusters"):
+        align_batches(x, b, t[:5])
+
+
 @pytest.fixture(scope="module")
 def batched_fit():
-    """Simulated types, two pseudo-batches with strong shifts; fits with and without batch_key."""
-    base = simulate_counts(n_cells=500, n_genes=300, n_types=3, seed=3)
+    """Simulated types in two pseudo-batches with strong technical shifts, clustered with batch_key."""
+    base = simulate_counts(n_cells=300, n_genes=200, n_types=3, seed=3)
     base.X = sp.csr_matrix(np.round(base.X.toarray() * 3))
     adata = add_batch_effects(base, 2, capture=(1.0, 0.3), gene_sd=1.0, seed=0)
-    fits = {}
-    for name, key in (("none", None), ("batch", "batch")):
-        fits[name] = shf.tl.cluster(adata, 3, batch_key=key, labels_key="label", seed=0, progress=False, copy=True,
-                                    **FAST)
-    return fits
+    return shf.tl.cluster(adata, 3, batch_key="batch", labels_key="label", seed=0, progress=False, copy=True, **FAST)
 
 
-def test_batch_key_mixes_batches_and_keeps_types(batched_fit):
-    scores = {n: shf.tl.integration(a, "batch", "label") for n, a in batched_fit.items()}
-    assert scores["batch"]["ilisi"] > scores["none"]["ilisi"] + 0.1, scores
-    assert scores["batch"]["ari"] > 0.8 and scores["batch"]["clisi"] > 0.9, scores
+def test_batch_key_fit_then_integrate(batched_fit):
+    a = batched_fit.copy()
+    assert a.uns["schashformer"]["params"]["batch_key"] == "batch"
+    before = shf.tl.integration(a, "batch", "label")
+    shf.tl.integrate(a, "batch")
+    after = shf.tl.integration(a, "batch", "label", key="schashformer_integrated")
+    assert a.obsm["X_schashformer_integrated"].shape == a.obsm["X_schashformer"].shape
+    assert after["ilisi"] >= before["ilisi"] and after["batch_asw"] > before["batch_asw"], (before, after)
+    assert after["ari"] == before["ari"] and after["clisi"] > 0.9  # clusters unchanged, types kept apart
+    with pytest.raises(ParameterError, match="overwrite"):
+        shf.tl.integrate(a, "batch")
+    with pytest.raises(InputError, match="nope"):
+        shf.tl.integrate(a, "nope", overwrite=True)
 
 
 def test_tl_integration_writes_and_refuses_overwrite(batched_fit):
-    a = batched_fit["batch"].copy()
+    a = batched_fit.copy()
     s = shf.tl.integration(a, "batch", "label")
     assert a.uns["schashformer_integration"]["ilisi"] == s["ilisi"] and s["n_cells_scored"] == a.n_obs
     with pytest.raises(ParameterError, match="overwrite"):
@@ -129,13 +150,15 @@ def test_tl_integration_writes_and_refuses_overwrite(batched_fit):
 
 def test_cli_integration(batched_fit, tmp_path, capsys):
     path = tmp_path / "result.h5ad"
-    shf.io.write_h5ad(batched_fit["batch"], path)
+    shf.io.write_h5ad(batched_fit, path)
     out = tmp_path / "integ"
     assert cli.main(["integration", str(path), "--batch-key", "batch", "--labels-key", "label", "--out", str(out),
                      "--no-plot"]) == 0
     report = json.loads((out / "integration.json").read_text())
     assert set(report["scores"]) >= {"ilisi", "kbet", "batch_asw", "label_asw", "clisi", "ari", "nmi"}
-    assert pd.read_csv(out / "integration.csv").shape[0] == 1
+    table = pd.read_csv(out / "integration.csv")
+    assert list(table["embedding"]) == ["X_schashformer", "X_schashformer_integrated"]
+    assert report["scores_integrated"]["ari"] == report["scores"]["ari"]
     assert "mixing" in capsys.readouterr().out
     assert cli.main(["integration", str(path), "--batch-key", "nope", "--labels-key", "label", "--out",
                      str(tmp_path / "x")]) == 2

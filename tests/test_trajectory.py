@@ -28,7 +28,7 @@ def _pca_embedded(adata, n_pcs=20):
 
 @pytest.fixture(scope="module")
 def branching():
-    return _pca_embedded(simulate_branching(600, 300, seed=1))
+    return _pca_embedded(simulate_branching(1500, 1000, seed=1))
 
 
 def test_simulator_truth_and_realism():
@@ -39,7 +39,7 @@ def test_simulator_truth_and_realism():
     assert (a.obs["branch"].to_numpy()[t < 0.35] == "trunk").all() and (a.obs["branch"] != "trunk")[t >= 0.35].all()
     x = a.X.toarray()
     assert np.allclose(x, np.round(x)) and (x == 0).mean() > 0.5  # sparse counts as in droplet data
-    assert 1500 < np.median(x.sum(1)) < 4000
+    assert 100 < np.median(x.sum(1)) < 400  # one count per gene and cell by default
     assert np.array_equal(x, simulate_branching(400, 200, n_branches=3, seed=0).X.toarray())
     with pytest.raises(ParameterError):
         simulate_branching(400, 200, branch_point=1.5)
@@ -86,8 +86,8 @@ def test_extreme_cell_picks_the_far_end():
 def test_plot_and_cli(branching, tmp_path, capsys):
     a = branching.copy()
     a.obs["schashformer"] = pd.Categorical(np.minimum((a.obs["time"] * 6).astype(int), 5).astype(str))
-    shf.tl.trajectory(a, "0")  # a cluster label as root, PAGA on the clusters
-    assert a.uns["trajectory"]["groups"] == "schashformer" and a.obsm["X_trajectory_umap"].shape == (a.n_obs, 2)
+    shf.tl.trajectory(a, "0", umap=False)  # a cluster label as root, PAGA on the clusters
+    assert a.uns["trajectory"]["groups"] == "schashformer" and "X_trajectory_umap" not in a.obsm
     fig = shf.pl.trajectory(a, color=["time", "branch"], save=tmp_path / "t.png")
     assert len(fig.axes) >= 4 and (tmp_path / "t.png").stat().st_size > 10_000
     with pytest.raises(InputError, match="tl.trajectory"):
@@ -97,7 +97,7 @@ def test_plot_and_cli(branching, tmp_path, capsys):
     shf.io.write_h5ad(branching, path)
     out = tmp_path / "traj"
     assert cli.main(["trajectory", str(path), "--root", "stage=0", "--truth-key", "time", "--color", "branch",
-                     "--out", str(out), "--quiet"]) == 0
+                     "--out", str(out), "--quiet", "--no-umap"]) == 0
     report = json.loads((out / "trajectory.json").read_text())
     assert report["spearman"] > 0.85 and report["truth_key"] == "time"
     pt = pd.read_csv(out / "pseudotime.csv", index_col=0)
@@ -108,9 +108,15 @@ def test_plot_and_cli(branching, tmp_path, capsys):
 
 
 def test_fitted_embedding_orders_cells(shared_data):
-    """End to end on the real time course (klein, days 0-7): a short fit, then DPT from day 0."""
+    """End to end on the real time course (klein, days 0-7): a few-step fit, then DPT from day 0.
+
+    A 20-step fit orders the days only roughly (Spearman ~0.5 at 40 steps; the benchmark gives
+    the figure at full training); a random order would be ~0.
+    """
     a = shf.io.read(shared_data / "klein_subset_1000x900.h5ad")
-    shf.tl.cluster(a, 4, seed=0, progress=False, **FAST)
+    shf.tl.cluster(a, 4, seed=0, progress=False,
+                   **dict(FAST, stage1_steps=20, stage2_pretrain_steps=20, stage2_cluster_steps=20))
     shf.tl.trajectory(a, "day=0", umap=False)
     rho = pseudotime_correlation(a.obs["trajectory_pseudotime"], a.obs["day"])
-    assert rho > 0.5, rho
+    assert rho > 0.3, rho
+    assert a.obs["day"].iloc[a.uns["trajectory"]["root"]] == "0"

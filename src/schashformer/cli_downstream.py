@@ -26,7 +26,8 @@ COMMANDS = ("integration", "trajectory")
 
 def add_parsers(sub) -> None:
     """Add the ``integration`` and ``trajectory`` sub-commands to the main parser's sub-parsers."""
-    ig = sub.add_parser("integration", help="batch mixing and biology conservation scores of an embedding")
+    ig = sub.add_parser("integration", help="batch mixing and biology conservation scores of an embedding, before "
+                                            "and after aligning batches within clusters")
     ig.add_argument("result", help="result.h5ad written by 'schashformer cluster' (ideally with --batch-key)")
     ig.add_argument("--batch-key", required=True, help="obs column of batches")
     ig.add_argument("--labels-key", required=True, help="obs column of known cell types")
@@ -51,6 +52,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--n-neighbors", type=int, default=15, help="neighbours of the kNN graph (default 15)")
     tr.add_argument("--n-dcs", type=int, default=10, help="diffusion components of DPT (default 10)")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-umap", action="store_true",
+                    help="plot on diffusion components 1-2 instead of a PAGA-initialised UMAP (faster)")
     tr.add_argument("--out", required=True, help="output directory")
     tr.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     tr.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -73,9 +76,12 @@ def main(args: argparse.Namespace) -> int:
     check_out(out, names, args.overwrite)  # fail before any work
     if args.command == "integration":
         report = run_integration(args, out)
-        s = report["scores"]
-        print("mixing: " + "  ".join(f"{k} {s[k]:.3f}" for k in ("ilisi", "kbet", "batch_asw")) + "   biology: "
-              + "  ".join(f"{k} {s[k]:.3f}" for k in ("label_asw", "clisi", "ari", "nmi") if k in s))
+        for what, s in (("embedding", report["scores"]), ("batches aligned (tl.integrate)",
+                                                          report["scores_integrated"])):
+            if s is not None:
+                print(f"{what}: mixing " + "  ".join(f"{k} {s[k]:.3f}" for k in ("ilisi", "kbet", "batch_asw"))
+                      + " | biology " + "  ".join(f"{k} {s[k]:.3f}" for k in ("label_asw", "clisi", "ari", "nmi")
+                                                  if k in s))
     else:
         report = run_trajectory(args, out)
         line = f"pseudotime from {report['root_name']}: {report['n_groups']} PAGA groups"
@@ -90,22 +96,33 @@ def run_integration(args: argparse.Namespace, out: Path) -> dict:
     from .cli_analysis import _write_atomic
     from .tl import integration
 
+    from .tl import integrate
+
     adata = _read(args.result)
     scores = integration(adata, batch_key=args.batch_key, labels_key=args.labels_key, key=args.key, overwrite=True)
+    aligned = None
+    if args.key in adata.obs:  # batches aligned within the clusters (tl.integrate), scored alike
+        integrate(adata, args.batch_key, key=args.key, overwrite=True)
+        aligned = integration(adata, batch_key=args.batch_key, labels_key=args.labels_key,
+                              key=f"{args.key}_integrated", overwrite=True)
     report = {"input": str(args.result), "n_cells": int(adata.n_obs), "batch_key": args.batch_key,
               "labels_key": args.labels_key, "key": args.key,
               "batches": {str(k): int(v) for k, v in adata.obs[args.batch_key].astype(str).value_counts().items()},
-              "scores": scores}
+              "scores": scores, "scores_integrated": aligned}
 
     def write(staging: Path) -> None:
         import pandas as pd
 
         (staging / "integration.json").write_text(json.dumps(report, indent=2))
-        pd.DataFrame([scores]).to_csv(staging / "integration.csv", index=False)
+        rows = [{"embedding": f"X_{args.key}", **scores}]
+        if aligned is not None:
+            rows.append({"embedding": f"X_{args.key}_integrated", **aligned})
+        pd.DataFrame(rows).to_csv(staging / "integration.csv", index=False)
         if not args.no_plot:
             from .pl import embedding
 
-            embedding(adata, [args.batch_key, args.labels_key], basis=args.key, save=staging / "integration.png",
+            basis = f"{args.key}_integrated" if aligned is not None else args.key
+            embedding(adata, [args.batch_key, args.labels_key], basis=basis, save=staging / "integration.png",
                       show=False)
 
     _write_atomic(out, INTEGRATION_FILES, args.overwrite, write)
@@ -125,7 +142,7 @@ def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
             raise InputError(f"{args.result}: {key!r} is not a column of obs (columns: {list(adata.obs.columns)})")
     root = int(args.root) if args.root.lstrip("-").isdigit() else args.root
     trajectory(adata, root, use_rep=args.rep, groups=args.groups, n_neighbors=args.n_neighbors, n_dcs=args.n_dcs,
-               seed=args.seed, overwrite=True)  # the result file's own copy, never the input file
+               umap=not args.no_umap, seed=args.seed, overwrite=True)  # the result file's own copy, never the input file
     run = adata.uns["trajectory"]
     pt = adata.obs["trajectory_pseudotime"]
     report = {"input": str(args.result), "n_cells": int(adata.n_obs), "root": int(run["root"]),

@@ -214,6 +214,73 @@ def center_batches(x: np.ndarray, batch_index: np.ndarray, n_batches: int | None
     return x - offsets[b], offsets
 
 
+def align_batches(embedding: np.ndarray, batches, clusters, *, shrinkage: float = 10.0) -> np.ndarray:
+    """Remove each batch's offset within each cluster: z_i - w (mean of i's batch in i's cluster - cluster mean).
+
+    The correction step of Harmony (Korsunsky et al. 2019) with the clusters given (hard, e.g.
+    scHashFormer's own) instead of Harmony's soft, batch-diverse ones, in one pass. Offsets are
+    estimated inside each cluster, so batches with different cell-type composition are not
+    pulled onto each other (a global per-batch centring was tried and did that: see
+    docs/METHOD_CHOICES.md, "Batches"), and a cluster found in one batch only is left as it is:
+    clusters are never merged, the correction only aligns batches within a cluster. The
+    weight w = n / (n + ``shrinkage``), n the cells of that batch in that cluster, keeps offsets
+    of a handful of cells from moving them much. Linear time, no neighbour search.
+
+    Parameters
+    ----------
+    embedding : (cells, dims) array.
+    batches, clusters : (cells,) batch and cluster of each cell (missing clusters: left uncorrected).
+
+    Returns
+    -------
+    (cells, dims) float32 corrected embedding.
+    """
+    x = np.asarray(embedding, dtype=np.float64)
+    b, _ = _codes(batches, "batches", len(x))
+    cl = pd.Series(np.asarray(clusters, dtype=object).ravel())
+    if len(cl) != len(x):
+        raise ParameterError(f"clusters has {len(cl)} entries but the embedding has {len(x)} cells")
+    out = x.copy()
+    for c in pd.unique(cl.dropna()):
+        rows = np.flatnonzero((cl == c).to_numpy())
+        centre = x[rows].mean(0)
+        for batch in np.unique(b[rows]):
+            sub = rows[b[rows] == batch]
+            weight = len(sub) / (len(sub) + shrinkage)
+            out[sub] -= weight * (x[sub].mean(0) - centre)
+    return out.astype(np.float32)
+
+
+def integrate(adata, batch_key: str, *, key: str = "schashformer", shrinkage: float = 10.0,
+              key_added: str | None = None, overwrite: bool = False) -> None:
+    """Align batches within each cluster of a clustering in ``adata`` (scanpy-style; :func:`align_batches`).
+
+    Parameters
+    ----------
+    adata : AnnData clustered by :func:`schashformer.tl.cluster` (ideally with ``batch_key``, so the
+        ZINB decoders already explain count differences between batches).
+    batch_key : ``obs`` column of batches.
+    key : the clustering: embedding ``obsm[f"X_{key}"]``, clusters ``obs[key]``.
+    shrinkage : cells-equivalent prior that shrinks the offset of small (batch, cluster) groups.
+    key_added : name of the result (default ``f"{key}_integrated"``).
+    overwrite : replace an embedding already stored there.
+
+    Writes ``obsm[f"X_{key_added}"]`` (cells, dims): the batch-aligned embedding (clusters unchanged),
+    and ``obs[key_added]``, a copy of the clusters, so ``key=key_added`` works in the other tools.
+    """
+    key_added = key_added or f"{key}_integrated"
+    rep = f"X_{key}"
+    if rep not in adata.obsm or key not in adata.obs:
+        raise InputError(f"obsm[{rep!r}] / obs[{key!r}] not found; run schashformer.tl.cluster first")
+    if batch_key not in adata.obs:
+        raise InputError(f"batch_key {batch_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
+    if f"X_{key_added}" in adata.obsm and not overwrite:
+        raise ParameterError(f"obsm['X_{key_added}'] already holds results; pass overwrite=True or another key_added")
+    adata.obsm[f"X_{key_added}"] = align_batches(adata.obsm[rep], adata.obs[batch_key].to_numpy(),
+                                                 adata.obs[key].to_numpy(), shrinkage=shrinkage)
+    adata.obs[key_added] = adata.obs[key].copy()
+
+
 def integration(adata, batch_key: str, labels_key: str, *, key: str = "schashformer", use_rep: str | None = None,
                 key_added: str | None = None, overwrite: bool = False, **kwargs) -> dict:
     """Mixing and biology scores of an embedding in ``adata`` (scanpy-style; :func:`integration_scores`).

@@ -117,3 +117,6 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
 
         run["metrics"] = clustering_scores(adata.obs[labels_key].to_numpy(), labels.to_numpy())
     adata.uns[key_added] = run
+from .integration import integration  # noqa: E402,F401  (batch mixing / biology scores)
+from .trajectory import trajectory  # noqa: E402,F401  (PAGA + diffusion pseudotime on the embedding)
+from .integration import integrate  # noqa: E402,F401  (batch alignment within clusters)

@@ -65,7 +65,7 @@ def extreme_cell(diffmap: np.ndarray, mask: np.ndarray, component: int = 1) -> i
 
 
 def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", groups: str | None = "schashformer",
-               key_added: str = "trajectory", n_neighbors: int = 15, n_dcs: int = 10, umap: bool = True,
+               key_added: str = "trajectory", n_neighbors: int = 15, n_dcs: int = 10, method: str = "gauss", umap: bool = True,
                seed: int = 0, overwrite: bool = False, copy: bool = False):
     """PAGA graph and diffusion pseudotime on an embedding, written into ``adata``.
 
@@ -81,6 +81,9 @@ def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", grou
     key_added : prefix of the keys written.
     n_neighbors : neighbours of the kNN graph (``sc.pp.neighbors``).
     n_dcs : diffusion components used by DPT.
+    method : kernel of the kNN graph (``sc.pp.neighbors``): ``"gauss"`` (default; the kernel of the
+        diffusion-pseudotime paper) or ``"umap"`` (scanpy's default; its first call in a process
+        spends about a minute compiling numba code).
     umap : also compute a UMAP initialised from the PAGA graph (``init_pos="paga"``) for plots.
     seed : random seed of Leiden / UMAP.
     overwrite : replace results already under ``key_added``.
@@ -120,7 +123,9 @@ def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", grou
     parsed = _parse_root(root, adata, groups)  # before any work: a bad root fails fast
 
     light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"X_rep": x})
-    sc.pp.neighbors(light, use_rep="X_rep", n_neighbors=n_neighbors, random_state=seed)
+    if method not in ("gauss", "umap"):
+        raise ParameterError(f"method must be 'gauss' or 'umap', got {method!r}")
+    sc.pp.neighbors(light, use_rep="X_rep", n_neighbors=n_neighbors, method=method, random_state=seed)
     made_groups = groups is None or groups not in adata.obs
     if made_groups:
         sc.tl.leiden(light, key_added="groups", random_state=seed, flavor="igraph", n_iterations=2, directed=False)
@@ -158,7 +163,7 @@ def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", grou
     adata.uns[key_added] = {
         "root": iroot, "root_name": root_name, "use_rep": use_rep,
         "groups": f"{key_added}_groups" if made_groups else groups,
-        "params": {"n_neighbors": n_neighbors, "n_dcs": n_dcs, "seed": seed, "root": str(root)},
+        "params": {"n_neighbors": n_neighbors, "n_dcs": n_dcs, "method": method, "seed": seed, "root": str(root)},
         "paga": {"connectivities": light.uns["paga"]["connectivities"].tocsr(),
                  "connectivities_tree": light.uns["paga"]["connectivities_tree"].tocsr(),
                  "groups": np.asarray(group_names, dtype=str),

@@ -6,8 +6,8 @@ A progenitor trunk (true time 0 .. ``branch_point``) splits into ``n_branches`` 
 the split and only in their lineage, so lineages diverge gradually from the branch point, as
 in the splatter "paths" model (Zappia et al. 2017) and dyngen's bifurcation backbones.
 Counts are negative binomial around those means times a log-normal library size; the default
-gene means, dispersions and library sizes are of the order of droplet data (median about
-2500 UMIs per cell over the simulated genes, most genes below one count per cell).
+gene means, dispersions and library sizes are of the order of droplet data restricted to its
+variable genes (median one UMI per gene and cell, most genes below that, 60-70% zeros).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _ramp(t: np.ndarray, centre: np.ndarray, width: np.ndarray) -> np.ndarray:
 
 
 def simulate_branching(n_cells: int = 1500, n_genes: int = 1000, *, n_branches: int = 2, branch_point: float = 0.35,
-                       dynamic_fraction: float = 0.3, effect_size: float = 1.5, library_median: float = 2500.0,
+                       dynamic_fraction: float = 0.3, effect_size: float = 1.5, library_median: float | None = None,
                        library_sd: float = 0.4, dispersion_mean: float = 2.0, seed: int = 0) -> ad.AnnData:
     """Counts (cells x genes, sparse CSR float32) of a branching differentiation with known truth.
 
@@ -37,7 +37,8 @@ def simulate_branching(n_cells: int = 1500, n_genes: int = 1000, *, n_branches: 
     branch_point : true time (0..1) at which the trunk splits.
     dynamic_fraction : fraction of genes in a programme (changing along time); the rest only add noise.
     effect_size : mean |log fold change| of a programme gene between its off and on states.
-    library_median, library_sd : median and log-scale sd of the per-cell total counts.
+    library_median, library_sd : median and log-scale sd of the per-cell total counts (default median:
+        one count per simulated gene, like droplet data restricted to its variable genes).
     dispersion_mean : mean NB inverse dispersion theta (gamma-distributed over genes; lower = noisier).
     seed : random seed.
 
@@ -78,6 +79,7 @@ def simulate_branching(n_cells: int = 1500, n_genes: int = 1000, *, n_branches: 
         effect[np.ix_(cells, genes)] = amplitude[genes] * _ramp(time[cells], centre[genes], width[genes])
     rel = np.exp(log_mean[None, :] + effect)
     rel /= rel.sum(1, keepdims=True)
+    library_median = float(n_genes if library_median is None else library_median)
     library = library_median * np.exp(rng.normal(0.0, library_sd, n_cells))
     mu = rel * library[:, None]
     theta = rng.gamma(2.0, dispersion_mean / 2.0, n_genes)
