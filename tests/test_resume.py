@@ -72,7 +72,8 @@ def test_sigkill_mid_training_then_resume(tmp_path):
 
     assert cli.main(argv(killed, "--resume")) == 0
     assert cli.main(argv(tmp_path / "straight")) == 0  # the uninterrupted run
-    assert sorted(p.name for p in killed.iterdir()) == ["clusters.csv", "metrics.json", "result.h5ad"]  # ckpt gone
+    assert sorted(p.name for p in killed.iterdir()) == ["bucket_sizes.png", "clusters.csv", "metrics.json", "model",
+                                                        "result.h5ad", "training_curves.png"]  # ckpt gone
     resumed, straight = (pd.read_csv(tmp_path / d / "clusters.csv", index_col=0) for d in ("killed", "straight"))
     assert resumed["schashformer"].nunique() == 3
     pd.testing.assert_frame_equal(resumed, straight)

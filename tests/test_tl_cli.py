@@ -40,7 +40,8 @@ def test_cli_cluster_outputs_and_refusal(tmp_path, capsys):
     argv = ["cluster", str(tmp_path / "in.h5ad"), "--n-clusters", "3", "--labels-key", "label", "--out", str(out),
             "--quiet", *FAST_ARGS]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["clusters.csv", "metrics.json", "result.h5ad", "umap.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["bucket_sizes.png", "clusters.csv", "confusion.png", "metrics.json",
+                                                     "model", "result.h5ad", "training_curves.png", "umap.png"]
     report = json.loads((out / "metrics.json").read_text())
     assert report["metrics"]["ari"] > 0.8 and {"acc", "nmi", "f1_macro", "homogeneity"} <= set(report["metrics"])
     assert report["timings"]["stage1_hashing"]["peak_rss_gib"] > 0

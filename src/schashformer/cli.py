@@ -26,7 +26,9 @@ import yaml
 from .errors import InputError, OutputError, OutputExistsError, ParameterError, SCHashFormerError
 
 log = logging.getLogger(__name__)
-RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png")
+# model/ (the fitted model, for `schashformer annotate`) and the plots of cli_analysis.write_cluster_plots
+RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png", "confusion.png", "bucket_sizes.png",
+                "training_curves.png", "model")
 CHECKPOINT_DIR = ".checkpoint"  # inside --out: the training state of an unfinished run
 
 
@@ -80,6 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_scale import add_parsers as add_scale_parsers  # simulate; cluster --out-of-core
 
     add_scale_parsers(sub)
+    from .cli_analysis import add_parsers  # annotate, evaluate
+
+    add_parsers(sub)
+    from . import cli_downstream  # integration, trajectory
+
+    cli_downstream.add_parsers(sub)
     return parser
 
 
@@ -196,12 +204,10 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; results get the usual permissions
 
-        start = time.perf_counter()
-        if umap:
-            from .pl import umap_png
+        from .cli_analysis import MODEL_DIR, write_cluster_plots
 
-            umap_png(adata, staging / "umap.png", labels_key=labels_key)
-            report["timings"]["umap_plot"] = {"seconds": round(time.perf_counter() - start, 3)}
+        report["timings"].update(write_cluster_plots(adata, model, staging, labels_key, umap=umap))
+        model.save(staging / MODEL_DIR)  # `schashformer annotate --reference OUT` maps new cells with it
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_h5ad(adata, staging / "result.h5ad")
         (staging / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
@@ -298,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import io
 
+        from . import cli_analysis
+
+        if args.command in cli_analysis.COMMANDS:  # annotate, evaluate: their own output files
+            return cli_analysis.main(args)
+        from . import cli_downstream
+
+        if args.command in cli_downstream.COMMANDS:  # integration, trajectory: their own output files
+            return cli_downstream.main(args)
         from . import cli_scale
 
         if args.command in cli_scale.COMMANDS:  # simulate: writes one .h5ad, not a results directory

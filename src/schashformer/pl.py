@@ -1,4 +1,8 @@
-"""Plots (matplotlib, no screen needed)."""
+"""Plots (matplotlib, no screen needed): each function returns the Figure and, with ``save=``, writes a PNG.
+
+``embedding`` (UMAP coloured by any ``obs`` key), ``confusion`` (labels vs clusters), ``bucket_sizes``
+(hash bucket histogram), ``training_curves`` (losses of both stages).
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,228 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+
+from .errors import InputError
 
 MAX_UMAP_CELLS = 100_000  # UMAP is for looking at, not analysis: subsample beyond this
+
+
+def _pyplot():
+    import matplotlib
+
+    backend = str(matplotlib.get_backend()).lower()
+    if "inline" not in backend and backend not in ("agg", "pdf", "svg", "cairo") and not _has_display():
+        matplotlib.use("Agg")  # no screen (and not a notebook): render off-screen
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _finish(fig, save: str | Path | None, show: bool | None):
+    """Save ``fig`` as PNG (when ``save``), show it (when asked) and return it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    if save is not None:
+        fig.savefig(save, dpi=110)
+    if show:
+        plt.show()
+    elif save is not None:
+        plt.close(fig)  # saved for a file, not kept open (many plots in a loop would pile up)
+    return fig
+
+
+def _obs_key(adata: ad.AnnData, key: str, what: str) -> None:
+    if key not in adata.obs:
+        raise InputError(f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})")
+
+
+def embedding(adata: ad.AnnData, color: str | list[str] | None = None, *, basis: str = "schashformer",
+              max_cells: int = MAX_UMAP_CELLS, n_neighbors: int = 15, seed: int = 0, save: str | Path | None = None,
+              show: bool | None = None):
+    """UMAP of the embedding ``obsm[f"X_{basis}"]`` coloured by ``obs`` keys (one panel each).
+
+    Parameters
+    ----------
+    adata : AnnData with ``obsm[f"X_{basis}"]`` (cells, latent).
+    color : ``obs`` column(s) to colour by (categorical or numeric); default ``basis`` when it is
+        an ``obs`` column (the clusters), else no colour.
+    basis : name of the embedding (``"schashformer"``, or e.g. an annotation's ``key_added``).
+    max_cells : above this many cells a random subset is drawn (UMAP is for looking at).
+    n_neighbors, seed : UMAP's neighbour graph size and random state.
+    save : PNG path to write; show : call ``plt.show()`` (a saved figure is closed unless ``show``).
+
+    Returns
+    -------
+    matplotlib Figure. ``adata`` is not modified (the UMAP is computed on a copy of the embedding).
+    """
+    import scanpy as sc
+
+    rep = f"X_{basis}"
+    if rep not in adata.obsm:
+        raise InputError(f"adata.obsm has no {rep!r} (keys: {list(adata.obsm)}); run tl.cluster first or pass basis=")
+    colours = [color] if isinstance(color, str) else list(color or ([basis] if basis in adata.obs else []))
+    for c in colours:
+        _obs_key(adata, c, "color")
+    view = adata
+    if adata.n_obs > max_cells:
+        idx = np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False)
+        view = adata[np.sort(idx)]
+    small = ad.AnnData(obs=view.obs[colours].copy(), obsm={rep: np.asarray(view.obsm[rep], dtype=np.float32)})
+    sc.pp.neighbors(small, use_rep=rep, n_neighbors=min(n_neighbors, max(small.n_obs - 1, 2)), random_state=seed)
+    sc.tl.umap(small, random_state=seed)
+    plt = _pyplot()
+    n = max(len(colours), 1)
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 5), squeeze=False)
+    sub = "" if view is adata else f", {small.n_obs} of {adata.n_obs} cells"
+    for ax, col in zip(axes[0], colours or [None]):
+        sc.pl.umap(small, color=col, ax=ax, show=False, title=f"{col or 'cells'} (UMAP of {rep}{sub})")
+    return _finish(fig, save, show)
 
 
 def umap_png(adata: ad.AnnData, path: str | Path, *, key: str = "schashformer", labels_key: str | None = None,
              seed: int = 0) -> Path:
     """UMAP of ``obsm[f"X_{key}"]`` coloured by cluster (and by ``labels_key`` when given), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import scanpy as sc
-
-    rep = f"X_{key}"
-    view = adata
-    if adata.n_obs > MAX_UMAP_CELLS:
-        idx = np.random.default_rng(seed).choice(adata.n_obs, MAX_UMAP_CELLS, replace=False)
-        view = adata[np.sort(idx)]
-    small = ad.AnnData(obs=view.obs[[c for c in (key, labels_key) if c]].copy(), obsm={rep: view.obsm[rep]})
-    sc.pp.neighbors(small, use_rep=rep, n_neighbors=15, random_state=seed)
-    sc.tl.umap(small, random_state=seed)
-    colours = [key] + ([labels_key] if labels_key else [])
-    fig, axes = plt.subplots(1, len(colours), figsize=(6 * len(colours), 5), squeeze=False)
-    for ax, col in zip(axes[0], colours):
-        sc.pl.umap(small, color=col, ax=ax, show=False, title=f"{col} (scHashFormer embedding)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    embedding(adata, [key] + ([labels_key] if labels_key else []), basis=key, seed=seed, save=path, show=False)
     return Path(path)
+
+
+def confusion(adata: ad.AnnData, labels_key: str, key: str = "schashformer", *, normalize: bool = True,
+              save: str | Path | None = None, show: bool | None = None):
+    """Heat map of known labels (rows) against clusters (columns), ``obs[labels_key]`` vs ``obs[key]``.
+
+    Columns are ordered by the label each cluster is matched to (Hungarian matching, as in ACC), so a
+    good clustering shows a diagonal; unmatched clusters come last. With ``normalize`` each row is the
+    share of that label's cells per cluster (the cell counts are written in the cells). Cells missing a
+    label or a cluster are left out. Returns the matplotlib Figure.
+    """
+    from .metrics import _matching, _prepare
+
+    _obs_key(adata, labels_key, "labels_key")
+    _obs_key(adata, key, "key")
+    t, p, _ = _prepare(adata.obs[labels_key].to_numpy(), adata.obs[key].to_numpy())
+    labels, table, mapping = _matching(t, p)
+    clusters = np.unique(p)
+    rank = {lab: i for i, lab in enumerate(labels)}
+    order = sorted(range(clusters.size), key=lambda j: (rank.get(mapping.get(clusters[j]), labels.size), j))
+    table, clusters = table[:, order], clusters[order]
+    shown = table / np.maximum(table.sum(1, keepdims=True), 1) if normalize else table
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * clusters.size + 2.5), max(3.5, 0.4 * labels.size + 1.5)))
+    im = ax.imshow(shown, cmap="Blues", aspect="auto", vmin=0)
+    fig.colorbar(im, ax=ax, label="share of the label's cells" if normalize else "cells")
+    ax.set_xticks(range(clusters.size), clusters, rotation=90)
+    ax.set_yticks(range(labels.size), labels)
+    ax.set_xlabel(f"cluster ({key})")
+    ax.set_ylabel(f"label ({labels_key})")
+    if table.size <= 900:  # numbers stay readable up to ~30 x 30
+        top = shown.max() if shown.size else 1
+        for i in range(labels.size):
+            for j in range(clusters.size):
+                if table[i, j]:
+                    ax.text(j, i, str(table[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if shown[i, j] > 0.6 * top else "black")
+    ax.set_title(f"{labels_key} vs {key}")
+    return _finish(fig, save, show)
+
+
+def bucket_sizes(data, *, key: str = "schashformer", chunk_size: int | None = None, save: str | Path | None = None,
+                 show: bool | None = None):
+    """Histogram of hash bucket sizes (cells per bucket), one panel per hash head.
+
+    ``data`` is an AnnData with ``obsm[f"{key}_codes"]`` (cells, heads), a fitted
+    :class:`~schashformer.SCHashFormer` (its ``codes_``) or a (cells, heads) array of bucket ids
+    (-1 = cell not hashed). ``chunk_size`` (default: the run record's, else 16) is drawn as a line:
+    buckets larger than a chunk are split across chunks, singletons borrow neighbours from the
+    nearest codes. Returns the matplotlib Figure.
+    """
+    codes = None
+    if isinstance(data, ad.AnnData):
+        if f"{key}_codes" not in data.obsm:
+            raise InputError(f"adata.obsm has no {key + '_codes'!r} (keys: {list(data.obsm)}); run tl.cluster first")
+        codes = np.asarray(data.obsm[f"{key}_codes"])
+        if chunk_size is None:
+            chunk_size = (data.uns.get(key, {}).get("params", {}) or {}).get("chunk_size")
+    elif hasattr(data, "codes_"):
+        codes = np.asarray(data.codes_)
+        chunk_size = chunk_size or data.config.chunk_size
+    else:
+        codes = np.asarray(data)
+    if codes.ndim == 1:
+        codes = codes[:, None]
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise InputError(f"bucket codes must be a (cells, heads) integer array, got shape {codes.shape}, "
+                         f"dtype {codes.dtype}")
+    chunk_size = int(chunk_size or 16)
+    plt = _pyplot()
+    heads = codes.shape[1]
+    fig, axes = plt.subplots(1, heads, figsize=(4.5 * heads, 3.6), squeeze=False, sharey=True)
+    for k, ax in enumerate(axes[0]):
+        col = codes[:, k][codes[:, k] >= 0]
+        _, sizes = np.unique(col, return_counts=True)
+        bins = np.unique(np.geomspace(1, max(sizes.max(), 2) + 1, 30).astype(int))
+        ax.hist(sizes, bins=bins, color="tab:blue", edgecolor="white")
+        ax.set_xscale("log")
+        ax.axvline(chunk_size, color="tab:red", ls="--", label=f"chunk size {chunk_size}")
+        ax.set_title(f"head {k}: {sizes.size} buckets, median {np.median(sizes):.0f}, max {sizes.max()}")
+        ax.set_xlabel("cells per bucket")
+        if k == 0:
+            ax.set_ylabel("buckets")
+            ax.legend(frameon=False)
+    return _finish(fig, save, show)
+
+
+def _history_frame(history, key: str) -> pd.DataFrame:
+    """Training history as a DataFrame (stage, step, loss, terms) from a model, an AnnData or records."""
+    if isinstance(history, ad.AnnData):
+        rec = history.uns.get(key, {})
+        if "history" not in rec:
+            raise InputError(f"adata.uns[{key!r}] holds no training history (written by tl.cluster since 0.1.0); "
+                             "pass the model or model.history_ instead")
+        history = rec["history"]
+    elif hasattr(history, "history_"):
+        history = history.history_
+    df = pd.DataFrame(history)
+    if df.empty or not {"stage", "step", "loss"} <= set(df.columns):
+        raise InputError("training history must be records with 'stage', 'step' and 'loss' (model.history_)")
+    df["stage"] = df["stage"].astype(str)
+    return df
+
+
+STAGE_NAMES = {"1": "stage 1: hashing", "2-pretrain": "stage 2: encoder (ZINB)", "2-cluster": "stage 2: clustering"}
+
+
+def training_curves(history, *, key: str = "schashformer", save: str | Path | None = None, show: bool | None = None):
+    """Loss curves of both training stages, one panel per phase (total loss and each term).
+
+    ``history`` is a fitted :class:`~schashformer.SCHashFormer` (its ``history_``), an AnnData
+    clustered by :func:`schashformer.tl.cluster` (``uns[key]["history"]``) or the list of records
+    itself (``{"stage", "step", "loss", <term>: value}``). Terms on very different scales share a
+    panel, so the y axis is logarithmic where every value is positive. Returns the matplotlib Figure.
+    """
+    df = _history_frame(history, key)
+    phases = list(dict.fromkeys(df["stage"]))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.8), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        part = df[df["stage"] == phase].sort_values("step")
+        # total loss first, then the terms by name: the same order whether read from a model or a saved h5ad
+        terms = ["loss"] + sorted(c for c in part.columns if c not in ("stage", "step", "loss") and part[c].notna().any())
+        for c in terms:
+            ax.plot(part["step"], part[c], label=c, lw=2.2 if c == "loss" else 1.2)
+        if (part[terms].dropna(how="all") > 0).all().all():
+            ax.set_yscale("log")
+        ax.set_title(STAGE_NAMES.get(phase, phase))
+        ax.set_xlabel("step")
+        ax.legend(frameon=False, fontsize=8)
+    axes[0][0].set_ylabel("loss")
+    return _finish(fig, save, show)
 
 
 def trajectory(adata: ad.AnnData, *, key: str = "trajectory", color: str | list[str] | None = None,

@@ -15,6 +15,9 @@ from .model import SCHashFormer
 from .preprocess import count_matrix
 from .validate import check_adata, resolve
 
+from .annotate import annotate  # noqa: E402,F401  (label transfer; lives in its own module)
+from .rare import rare_populations  # noqa: E402,F401  (per-label / per-cluster scores)
+
 
 def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 1.0,
             labels_key: str | None = None, batch_key: str | None = None,
@@ -109,6 +112,9 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
         "bucket_stats": pd.DataFrame(model.bucket_stats_).to_dict(orient="list"),
         "n_removed_cells": model.n_removed_cells_,
         "genes": np.asarray(model.stats_.genes, dtype=str),
+        # losses of both stages (stage as text: 1, 2-pretrain, 2-cluster), for pl.training_curves
+        "history": pd.DataFrame(getattr(model, "history_", []) or {"stage": [], "step": [], "loss": []})
+        .astype({"stage": str}).to_dict(orient="list"),
     }
     if model.n_clusters is None:  # K was estimated (params["n_clusters"] is "", so a rerun estimates again)
         run["n_clusters_estimated"] = int(model.n_clusters_)
