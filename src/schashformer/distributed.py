@@ -64,10 +64,10 @@ from tqdm.auto import tqdm
 from . import buckets, errors
 from .data import CellData
 from .errors import InputError, ParameterError, SCHashFormerError, TrainingError
-from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder, target_distribution, zinb_nll
+from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder, zinb_nll
 from .nn.cluster_head import kl_loss
 from .nn.lsh import bit_balance_loss, bucket_contrastive_loss
-from .preprocess import (CLIP, GeneStats, Prepared, _log_normalise, check_names, count_matrix, expand_to_cells,
+from .preprocess import (GeneStats, Prepared, _log_normalise, check_names, count_matrix, expand_to_cells,
                          validate_counts)
 from .train import TrainConfig, _ChunkCursor, _optimiser, _RowCursor
 
@@ -904,7 +904,7 @@ def _batches(ctx: Context, shard: ad.AnnData, batch_key: str | None, cell_mask: 
 # ----------------------------------------------------------------------------- command line
 def run(args) -> int:
     """One rank of ``schashformer cluster ... --nproc N`` (args from :func:`schashformer.cli._build_parser`)."""
-    from . import cli, io
+    from . import cli
 
     ctx = init(args.device)
     try:
@@ -932,18 +932,10 @@ def run(args) -> int:
         failure = None
         if ctx.rank == 0:
             try:
-                # the one result: rank 0 reads the input whole (as 'schashformer cluster' does) and writes it
-                adata = io.read(args.input, format=args.format, labels_key=args.labels_key, transpose=args.transpose)
-                if args.labels_key is not None and args.labels_key in adata.obs:
-                    labels = np.asarray(adata.obs[args.labels_key])[model.cell_mask_]
-                    model.bucket_stats_ = buckets.bucket_stats(model.codes_[model.cell_mask_], labels)
-                report = cli.run_cluster(
-                    adata, n_clusters=args.n_clusters, out=out, labels_key=args.labels_key, batch_key=args.batch_key,
-                    layer=args.layer, n_top_genes=args.n_top_genes, seed=args.seed, device=args.device,
-                    allow_noncounts=args.allow_noncounts, params=params, overwrite=args.overwrite,
-                    umap=not args.no_umap, progress=False, input_name=str(args.input),
-                    source={"path": args.input, "format": args.format, "transpose": args.transpose},
-                    read_seconds=max(read_seconds, 0.0), model=model)
+                if _is_h5ad(args):
+                    report = _write_h5ad_result(args, out, model, params, start)
+                else:
+                    report = _write_in_memory_result(args, out, model, params, read_seconds)
                 cli._print_report(report, out)
             except SCHashFormerError as exc:
                 failure = exc
@@ -957,6 +949,66 @@ def run(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _is_h5ad(args) -> bool:
+    fmt = (args.format or "").lower()
+    return fmt in ("h5ad", "anndata") or (args.format is None and Path(args.input).suffix == ".h5ad")
+
+
+def _labelled_bucket_stats(model, labels) -> None:
+    if labels is not None:
+        model.bucket_stats_ = buckets.bucket_stats(model.codes_[model.cell_mask_],
+                                                   np.asarray(labels)[model.cell_mask_])
+
+
+def _write_h5ad_result(args, out: Path, model, params: dict, start: float) -> dict:
+    """Rank 0's one result for a ``.h5ad`` input, as the out-of-core ``cluster`` writes it: the input
+    file copied with the results added (the matrix is never loaded), clusters.csv, metrics.json."""
+    from . import cli, cli_scale, tl
+    from .streaming import CountSource, data_checksum
+
+    cli.check_out_dir(out, args.overwrite)
+    source = CountSource.from_h5ad(args.input, args.layer)
+    try:
+        t0 = time.perf_counter()
+        checksum = data_checksum(source)  # chunk by chunk, the same value as record.data_checksum in memory
+        timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - t0, 3)}}
+        result = cli_scale._results_only(source)
+        if args.labels_key is not None and args.labels_key not in result.obs:
+            raise InputError(f"labels_key {args.labels_key!r} is not a column of adata.obs "
+                             f"(columns: {list(result.obs.columns)})")
+        _labelled_bucket_stats(model, None if args.labels_key is None else result.obs[args.labels_key])
+        tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
+                         checksum=checksum, timings=timings)
+        record = result.uns["schashformer"]
+        record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
+        record["distributed"] = {"world_size": int(model.world_size_)}
+        report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
+                  "n_clusters": int(model.n_clusters), "seed": args.seed, "world_size": int(model.world_size_),
+                  "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
+                  "data_checksum": checksum}
+        cli_scale._write(args, out, source, result, model, report, start)
+    finally:
+        source.close()
+    return report
+
+
+def _write_in_memory_result(args, out: Path, model, params: dict, read_seconds: float) -> dict:
+    """Rank 0's one result for the other formats: the input read whole, results written by ``cli.run_cluster``."""
+    from . import cli, io
+
+    adata = io.read(args.input, format=args.format, labels_key=args.labels_key, transpose=args.transpose)
+    if args.labels_key is not None and args.labels_key in adata.obs:
+        _labelled_bucket_stats(model, adata.obs[args.labels_key])
+    report = cli.run_cluster(
+        adata, n_clusters=args.n_clusters, out=out, labels_key=args.labels_key, batch_key=args.batch_key,
+        layer=args.layer, n_top_genes=args.n_top_genes, seed=args.seed, device=args.device,
+        allow_noncounts=args.allow_noncounts, params=params, overwrite=args.overwrite, umap=not args.no_umap,
+        progress=False, input_name=str(args.input), read_seconds=max(read_seconds, 0.0), model=model,
+        source={"path": args.input, "format": args.format, "transpose": args.transpose})
+    report["world_size"] = int(model.world_size_)
+    return report
 
 
 def _raise(exc):
