@@ -131,9 +131,8 @@ def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", grou
         sc.tl.leiden(light, key_added="groups", random_state=seed, flavor="igraph", n_iterations=2, directed=False)
     else:
         col = adata.obs[groups]
-        if col.isna().any():
-            raise InputError(f"obs[{groups!r}] has {int(col.isna().sum())} missing values; PAGA needs a group per cell")
-        light.obs["groups"] = pd.Categorical(col.astype(str))
+        # cells without a cluster (zero counts in tl.cluster) form their own PAGA node
+        light.obs["groups"] = pd.Categorical(np.where(col.isna(), "unassigned", col.astype(str)))
     sc.tl.paga(light, groups="groups")
     sc.tl.diffmap(light, n_comps=max(n_dcs, 3), random_state=seed)
     if parsed[0] == "cell":
