@@ -2,8 +2,8 @@
 
 Data: ``schashformer.datasets.simulate`` fitted to the 10x PBMC data (8 types, realistic
 difficulty: scanpy's ARI on 10^4 cells is ~0.7, as on the real data). The largest size is
-simulated once; smaller sizes are its first N cells (the simulator's chunk seeding makes them
-identical to a simulation of N cells with the same seed).
+simulated once; smaller sizes are its first N cells (a valid N-cell sample: cells are drawn
+independently; the simulator's chunk seeding makes whole chunks identical to a smaller simulation).
 
 Peers, each run alone in a subprocess with its own thread settings, a memory cap (the parent
 samples the resident memory of the process tree every 0.2 s and kills it above the cap:
@@ -96,7 +96,8 @@ def _scores(labels_true, labels_pred) -> dict:
             "nmi": float(normalized_mutual_info_score(labels_true, labels_pred))}
 
 
-def worker_schashformer(path: Path, out_json: Path, workdir: Path, n_clusters: int, threads: int, seed: int) -> None:
+def worker_schashformer(path: Path, out_json: Path, workdir: Path, n_clusters: int, threads: int, seed: int,
+                        params: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -105,6 +106,7 @@ def worker_schashformer(path: Path, out_json: Path, workdir: Path, n_clusters: i
     out_dir = workdir / "schashformer_out"
     argv = ["cluster", str(path), "--n-clusters", str(n_clusters), "--labels-key", LABELS_KEY, "--out",
             str(out_dir), "--no-umap", "--quiet", "--overwrite", "--seed", str(seed), "--checkpoint-every", "0"]
+    argv += [a for kv in params for a in ("--param", kv)]
     info = {"stages": {}}
     start = time.perf_counter()
     rc = cli.main(argv)
@@ -191,6 +193,7 @@ def run_peer(peer: str, path: Path, n: int, args, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", peer, "--input", str(path),
            "--worker-json", str(out_json), "--workdir", str(workdir), "--threads", str(args.threads),
            "--seed", str(args.seed), "--n-clusters", str(args.n_clusters)]
+    cmd += [a for kv in (args.param or []) for a in ("--param", kv)]
     cap = args.mem_cap_gib * 2**30
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / f"{peer}.log", "w"),
@@ -258,13 +261,22 @@ def write_outputs(rows: list[dict], args, started: float) -> None:
              "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in flat:
         fmt = lambda v, d=3: "" if v is None or v != v else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {r['peer']} | {r['cells']:,} | {r['status']} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+        status = r["status"] + (f" ({r['note']})" if r.get("note") == r.get("note") and r.get("note") else "")
+        lines.append(f"| {r['peer']} | {r['cells']:,} | {status} | {fmt(r['wall_s'], 1)} | {fmt(r['peak_rss_gib'], 2)} | "
                      f"{fmt(r['ari'])} | {fmt(r['nmi'])} | {r['n_clusters_found'] or ''} | {r['stages']} |")
     lines += ["", "Log-log slopes between 10^5 and 10^6 cells (successful runs):", "",
               "| peer | time slope | memory slope |", "|---|---:|---:|"]
     for peer in dict.fromkeys(r["peer"] for r in rows):
         t, m = slope(rows, peer, "wall_s"), slope(rows, peer, "peak_rss_gib")
         lines.append(f"| {peer} | {'' if t is None else f'{t:.2f}'} | {'' if m is None else f'{m:.2f}'} |")
+    ok = {(r["peer"], r["cells"]): r for r in rows if r["status"] == "ok"}
+    both = sorted(c for (peer, c) in ok if peer == "schashformer" and ("scanpy_sparse", c) in ok)
+    if both:
+        c = both[-1]
+        a, b = ok[("schashformer", c)], ok[("scanpy_sparse", c)]
+        lines += ["", f"At {c:,} cells: scHashFormer {a['wall_s']:.0f} s vs scanpy sparse-PCA {b['wall_s']:.0f} s "
+                  f"(ratio {a['wall_s'] / b['wall_s']:.2f}); peak memory {a['peak_rss_gib']:.2f} vs "
+                  f"{b['peak_rss_gib']:.2f} GiB; ARI {a['ari']:.3f} vs {b['ari']:.3f}."]
     lines += ["", "Plots: `time_vs_cells.png`, `memory_vs_cells.png` (this folder). OOM = killed at the memory cap "
               "(or by the kernel), TIMEOUT = killed at the time-out, SKIPPED = not run after a failure at a smaller "
               "size."]
@@ -320,8 +332,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="threads per run (torch, BLAS, numba)")
     p.add_argument("--mem-cap-gib", type=float, default=20.0, help="a run above this resident memory is killed (OOM)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed (TIMEOUT)")
+    p.add_argument("--predict-oom", action="store_true",
+                   help="skip a run whose peak memory, extrapolated linearly from the peer's previous size, exceeds "
+                        "the cap (recorded as SKIPPED with the prediction)")
     p.add_argument("--data-dir", default="/tmp/schashformer_scale", help="simulated .h5ad files (cached)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for scale.csv, scale.md and the plots")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a TrainConfig field passed to scHashFormer (repeatable); defaults when absent")
     # worker mode (internal)
     p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -332,7 +349,8 @@ def main() -> int:
     if args.worker:
         path, out_json = Path(args.input), Path(args.worker_json)
         if args.worker == "schashformer":
-            worker_schashformer(path, out_json, Path(args.workdir), args.n_clusters, args.threads, args.seed)
+            worker_schashformer(path, out_json, Path(args.workdir), args.n_clusters, args.threads, args.seed,
+                                args.param or [])
         else:
             worker_scanpy(path, out_json, args.worker == "scanpy_textbook", args.threads, args.seed)
         return 0
@@ -354,6 +372,19 @@ def main() -> int:
                              "stages": {}, "threads": args.threads, "mem_cap_gib": args.mem_cap_gib,
                              "note": f"{failed[peer]} at a smaller size"})
                 continue
+            prev = [r for r in rows if r["peer"] == peer and r["status"] == "ok"]
+            if args.predict_oom and prev:
+                guess = prev[-1]["peak_rss_gib"] * n / prev[-1]["cells"]
+                if guess > args.mem_cap_gib:
+                    note = (f"predicted OOM: {prev[-1]['peak_rss_gib']:.1f} GiB at {prev[-1]['cells']:,} cells "
+                            f"-> ~{guess:.0f} GiB > cap {args.mem_cap_gib} GiB")
+                    rows.append({"peer": peer, "cells": n, "status": "SKIPPED", "wall_s": float("nan"),
+                                 "peak_rss_gib": float("nan"), "ari": None, "nmi": None, "n_clusters_found": None,
+                                 "stages": {}, "threads": args.threads, "mem_cap_gib": args.mem_cap_gib, "note": note})
+                    print(f"{peer:16s} {n:>8d} cells: SKIPPED ({note})", flush=True)
+                    failed[peer] = note
+                    write_outputs(rows, args, started)
+                    continue
             row = run_peer(peer, path, n, args, data_dir / "runs" / f"{peer}_{n}")
             rows.append(row)
             if row["status"] != "ok":

@@ -21,7 +21,7 @@
 :func:`simulate` then draws any number of cells: type, library size, programme scores, means,
 gamma-Poisson (NB) counts, and dropout of the non-zero counts. Cells are generated in chunks,
 each from its own child seed, so the first N cells of a larger simulation equal a simulation of
-N cells with the same seed, and an ``.h5ad`` is written chunk by chunk (anndata's on-disk sparse
+N cells with the same seed (N a multiple of the chunk size; any prefix is a valid sample), and an ``.h5ad`` is written chunk by chunk (anndata's on-disk sparse
 append) without ever holding a dense cells x genes matrix or the whole sparse one.
 """
 
@@ -229,7 +229,8 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
         'worm': 10 types), a labeled count file (labels in ``obs['label']``), or fitted
         :class:`SimulationParams`.
     seed : random seed; chunk c uses child seed c of ``numpy.random.SeedSequence(seed)``, so the
-        first N cells of any simulation with this seed are identical.
+        whole chunks of two simulations with this seed and ``chunk_cells`` are identical (the first
+        N cells of a larger one equal a simulation of N cells when N is a multiple of ``chunk_cells``).
     out : ``.h5ad`` path. None: return the AnnData in memory. Given: write it chunk by chunk
         (CSR float32 counts in ``X``, ``obs['cell_type']`` categorical, gene names) and return the path.
     overwrite : replace an existing ``out``.
