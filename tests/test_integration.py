@@ -115,7 +115,7 @@ def test_align_batches_aligns_within_clusters_only():
 @pytest.fixture(scope="module")
 def batched_fit():
     """Simulated types in two pseudo-batches with strong technical shifts, clustered with batch_key."""
-    base = simulate_counts(n_cells=300, n_genes=200, n_types=3, seed=3)
+    base = simulate_counts(n_cells=500, n_genes=300, n_types=3, seed=3)
     base.X = sp.csr_matrix(np.round(base.X.toarray() * 3))
     adata = add_batch_effects(base, 2, capture=(1.0, 0.3), gene_sd=1.0, seed=0)
     return shf.tl.cluster(adata, 3, batch_key="batch", labels_key="label", seed=0, progress=False, copy=True, **FAST)
