@@ -64,8 +64,8 @@ def _simpson(dist: np.ndarray, ind: np.ndarray, codes: np.ndarray, n_cats: int, 
         beta = np.where(np.isinf(hi), beta * 2, (lo + hi) / 2)
         if np.all(np.abs(entropy - target) < 1e-5):
             break
-    onehot = np.eye(n_cats)[codes[ind]]  # (cells, k, cats)
-    frac = (p[:, :, None] * onehot).sum(1)
+    neighbour_codes = codes[ind]
+    frac = np.stack([(p * (neighbour_codes == c)).sum(1) for c in range(n_cats)], axis=1)  # no (cells, k, cats)
     return 1.0 / (frac**2).sum(1)
 
 
