@@ -49,7 +49,13 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field (e.g. stage1_batch=1024); repeatable")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args()
+    for item in args.param:
+        key, _, value = item.partition("=")
+        PARAMS[key] = value
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for w in args.ranks:
@@ -63,7 +69,7 @@ def main() -> None:
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in cols)
                      + f" | {r['stage1 steps/s'] / base['stage1 steps/s']:.2f} |")
-    out = ROOT / "benchmarks" / "results" / f"distributed_{args.device}.md"
+    out = ROOT / "benchmarks" / "results" / f"distributed_{args.device}{args.tag}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
