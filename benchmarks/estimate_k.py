@@ -106,21 +106,22 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["dataset", "method"], sort=False).agg(
         true_k=("true_k", "first"), k=("k", "mean"), k_sd=("k", "std"), ari=("ari", "mean"), ari_sd=("ari", "std"),
         partition_ari=("partition_ari", "mean"),
-        nmi=("nmi", "mean"), nmi_sd=("nmi", "std"), seconds=("seconds", "mean")).reset_index()
+        nmi=("nmi", "mean"), nmi_sd=("nmi", "std"), seconds=("seconds", "mean"), n_seeds=("seed", "nunique")).reset_index()
 
 
 def markdown(df: pd.DataFrame, seeds: list[int], command: str, minutes: float, machine: str) -> str:
     s = summarise(df)
     pm = lambda m, sd: f"{m:.3f} ± {0 if np.isnan(sd) else sd:.3f}"  # noqa: E731
-    lines = [f"# Number of clusters unknown: estimated K vs true K (seeds {seeds})", "",
+    lines = [f"# Number of clusters unknown: estimated K vs true K (seeds {seeds}; the seeds column says how many "
+             "finished per data set)", "",
              f"Machine: {machine}. Sum of per-run times: {minutes:.1f} min. Command: `{command}`", "",
              "## scHashFormer (`n_clusters=None`, full fit) vs scanpy Leiden at resolution 1.0", "",
-             "| data set | true K | method | K (mean ± sd) | K / true K | ARI (mean ± sd) | NMI (mean ± sd) | s/run |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| data set | true K | method | seeds | K (mean ± sd) | K / true K | ARI (mean ± sd) | NMI (mean ± sd) | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     main = s[s.method.isin([SCHF, SCANPY])]
     for r in main.itertuples():
-        lines.append(f"| {r.dataset} | {r.true_k} | {r.method} | {r.k:.1f} ± {0 if np.isnan(r.k_sd) else r.k_sd:.1f} | "
-                     f"{r.k / r.true_k:.2f} | {pm(r.ari, r.ari_sd)} | {pm(r.nmi, r.nmi_sd)} | {r.seconds:.0f} |")
+        lines.append(f"| {r.dataset} | {r.true_k} | {r.method} | {r.n_seeds} | "
+                     f"{r.k:.1f} ± {0 if np.isnan(r.k_sd) else r.k_sd:.1f} | {r.k / r.true_k:.2f} | {pm(r.ari, r.ari_sd)} | {pm(r.nmi, r.nmi_sd)} | {r.seconds:.0f} |")
     avg = main.groupby("method").agg(ari=("ari", "mean"), nmi=("nmi", "mean")).reset_index()
     lines += ["", "Mean over data sets (of the per-data-set means), and data sets whose mean estimated K is within a "
               "factor 1.5 of the true K:", "", "| method | ARI | NMI | K within 1.5x |", "|---|---|---|---|"]
@@ -131,11 +132,11 @@ def markdown(df: pd.DataFrame, seeds: list[int], command: str, minutes: float, m
     lines += ["", "## K estimators on the same pre-trained z (before DEC)", "",
               "ARI/NMI: k-means on z at the estimated K (how a fit uses K); partition ARI: the estimator's own "
               "partition; s: seconds of the estimator alone.", "",
-              "| data set | true K | estimator | K (mean ± sd) | ARI (mean ± sd) | NMI (mean ± sd) | partition ARI | s |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| data set | true K | estimator | seeds | K (mean ± sd) | ARI (mean ± sd) | NMI (mean ± sd) | partition ARI | s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in s[s.method.isin(list(ALTERNATIVES))].itertuples():
-        lines.append(f"| {r.dataset} | {r.true_k} | {r.method} | {r.k:.1f} ± {0 if np.isnan(r.k_sd) else r.k_sd:.1f} | "
-                     f"{pm(r.ari, r.ari_sd)} | {pm(r.nmi, r.nmi_sd)} | {r.partition_ari:.3f} | {r.seconds:.1f} |")
+        lines.append(f"| {r.dataset} | {r.true_k} | {r.method} | {r.n_seeds} | "
+                     f"{r.k:.1f} ± {0 if np.isnan(r.k_sd) else r.k_sd:.1f} | {pm(r.ari, r.ari_sd)} | {pm(r.nmi, r.nmi_sd)} | {r.partition_ari:.3f} | {r.seconds:.1f} |")
     alt = s[s.method.isin(list(ALTERNATIVES))].assign(ratio=lambda t: t.k / t.true_k)
     lines += ["", "| estimator | mean ARI | mean NMI | mean partition ARI | K within 1.5x |", "|---|---|---|---|---|"]
     for method, sub in alt.groupby("method", sort=False):
@@ -178,6 +179,8 @@ def main() -> None:
             df.to_csv(csv, index=False)
             print(f"{pair[0]['dataset']} seed {pair[0]['seed']} (true K {pair[0]['true_k']}): " + " | ".join(
                 f"{r['method']} K {r['k']} ARI {r['ari']:.3f}" for r in pair), flush=True)
+    if df.empty:
+        sys.exit(f"estimate_k: no results in {csv}")
     df = df[df.seed.isin(args.seeds) & df.dataset.isin(args.datasets)]
     seeds = sorted(df.seed.unique().tolist())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
