@@ -245,7 +245,8 @@ def write_outputs(rows: list[dict], args, started: float) -> None:
     flat = []
     for r in rows:
         row = {k: v for k, v in r.items() if k != "stages"}
-        row["stages"] = "; ".join(f"{k} {v['seconds']:.1f}s/{v.get('peak_rss_gib') or 0:.2f}G"
+        row["stages"] = "; ".join(f"{k} {v['seconds']:.1f}s" + (f"/{v['peak_rss_gib']:.2f}G" if v.get("peak_rss_gib")
+                                                                 else "")
                                   for k, v in r["stages"].items() if v.get("seconds") is not None)
         flat.append(row)
     pd.DataFrame(flat).to_csv(out / "scale.csv", index=False)
