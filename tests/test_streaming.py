@@ -127,3 +127,21 @@ def test_cli_streams_h5ad_and_simulates(tmp_path):
     assert (res.X != src.X).nnz == 0  # the input copied, not rewritten
     assert res.obs["schashformer"].notna().all() and res.obsm["X_schashformer"].shape[0] == 700
     assert res.uns["schashformer"]["data_checksum"] == record.data_checksum(src.X)
+
+
+def test_mixed_precision_hashing_pass(big_sim, monkeypatch):
+    """The autocast branch (CUDA in use; bfloat16 on the CPU here) keeps dtypes and nearly all codes."""
+    import torch
+
+    from schashformer import streaming
+
+    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, **FAST).fit(big_sim)
+    src = CountSource.from_anndata(big_sim)
+    codes, h, tokens, mask = streaming.hash_all(model, src, chunk_rows=128)
+    # the streaming pass hashes cells as the in-memory fit did (float rounding may flip a rare bit)
+    assert (codes == model.codes_).all(1).mean() > 0.99
+    monkeypatch.setattr(streaming, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    codes16, h16, tokens16, mask16 = streaming.hash_all(model, src, chunk_rows=128)
+    assert tokens16.dtype == np.float32 and h16.dtype == np.float32 and np.array_equal(mask, mask16)
+    assert (codes16 == codes).mean() > 0.8
+    assert np.abs(tokens16 - tokens).mean() < 0.1 * np.abs(tokens).mean()

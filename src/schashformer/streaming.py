@@ -20,7 +20,7 @@ Memory is the subsample (O(its non-zeros)), one chunk of rows, and O(cells) smal
 (tokens, codes, embedding: ~200 floats per cell): never a dense cells x genes array and never the
 whole input matrix. Time is linear in cells: two reads of the file, one hashing pass, one
 attention pass. The same code runs on CUDA (``device='cuda'``), where the per-chunk tensors move to
-the GPU and inference runs under bfloat16/float16 autocast.
+the GPU and the hashing pass (the genes x hidden matrix products) runs under bfloat16/float16 autocast.
 """
 
 from __future__ import annotations
@@ -408,10 +408,10 @@ def encode_all(model, tokens: np.ndarray, codes: np.ndarray, h: np.ndarray, devi
     """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells."""
     from .train import Stage2, sorted_orders
 
+    # float32 here: the attention pass is small per token (52-d tokens, d_model 256) and its output is the embedding
     stage2 = Stage2(model.encoder_, model.decoder_, model.head_, SimpleNamespace(device=device), tokens,
                     sorted_orders(codes, h), model.config, np.random.default_rng(model.seed))
-    with _autocast(device):
-        return stage2.embed_all().astype(np.float32)
+    return stage2.embed_all().astype(np.float32)
 
 
 @torch.no_grad()
