@@ -43,17 +43,17 @@ DATASETS = {
     "worm_neuron_cell_top2000": ("worm_neuron_cell_top2000.h5", "label"),
     "baron_mouse": ("baron_mouse_1886x14878.h5ad", "cell_type"),
 }
-SCHF, SCANPY = "scHashFormer (K estimated)", "scanpy Leiden (res 1.0)"
+SCHF, SCANPY = "scHashFormer (K estimated, resolution {:g})", "scanpy Leiden (res 1.0)"
 # estimators compared on the same pre-trained z (name -> keyword arguments of n_clusters.estimate)
 ALTERNATIVES = {
     "Leiden on hash graph of z, res 0.5": {"resolution": 0.5},
-    "Leiden on hash graph of z, res 1.0 (default)": {"resolution": 1.0},
+    "Leiden on hash graph of z, res 1.0": {"resolution": 1.0},
     "Leiden on hash graph of z, res 2.0": {"resolution": 2.0},
     "silhouette over k-means on z (K 2..30)": {"method": "silhouette"},
 }
 
 
-def run_pair(task: tuple[str, str, str, int]) -> list[dict]:
+def run_pair(task: tuple[str, str, str, int, float]) -> list[dict]:
     """scanpy Leiden (res 1.0) and scHashFormer (K estimated) on one data set with one seed."""
     from sklearn.cluster import KMeans
 
@@ -62,7 +62,7 @@ def run_pair(task: tuple[str, str, str, int]) -> list[dict]:
     from schashformer.baselines import scanpy_leiden
     from schashformer.metrics import clustering_scores
 
-    path, name, label_key, seed = task
+    path, name, label_key, seed, resolution = task
     adata = io.read(path)
     adata = adata[adata.obs[label_key].notna()].copy()
     y = adata.obs[label_key].astype(str).to_numpy()
@@ -84,12 +84,12 @@ def run_pair(task: tuple[str, str, str, int]) -> list[dict]:
     nc.estimate = recording
     try:
         start = time.perf_counter()
-        tl.cluster(adata, None, labels_key=label_key, seed=seed, progress=False)
+        tl.cluster(adata, None, resolution=resolution, labels_key=label_key, seed=seed, progress=False)
         seconds = time.perf_counter() - start
     finally:
         nc.estimate = original
     rec = adata.uns["schashformer"]
-    rows.append({**base, "method": SCHF, "k": int(rec["n_clusters_estimated"]), **rec["metrics"], "seconds": seconds})
+    rows.append({**base, "method": SCHF.format(resolution), "k": int(rec["n_clusters_estimated"]), **rec["metrics"], "seconds": seconds})
     mask = np.asarray(adata.obs["schashformer"].notna())  # cells with counts: those z covers
     for method, kwargs in ALTERNATIVES.items():
         start = time.perf_counter()
@@ -103,6 +103,7 @@ def run_pair(task: tuple[str, str, str, int]) -> list[dict]:
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.drop_duplicates(["dataset", "seed", "method"])  # peers are rerun with each --resolution
     return df.groupby(["dataset", "method"], sort=False).agg(
         true_k=("true_k", "first"), k=("k", "mean"), k_sd=("k", "std"), ari=("ari", "mean"), ari_sd=("ari", "std"),
         partition_ari=("partition_ari", "mean"),
@@ -118,7 +119,7 @@ def markdown(df: pd.DataFrame, seeds: list[int], command: str, minutes: float, m
              "## scHashFormer (`n_clusters=None`, full fit) vs scanpy Leiden at resolution 1.0", "",
              "| data set | true K | method | seeds | K (mean ± sd) | K / true K | ARI (mean ± sd) | NMI (mean ± sd) | s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    main = s[s.method.isin([SCHF, SCANPY])]
+    main = s[s.method.str.startswith(SCHF.split("{")[0]) | (s.method == SCANPY)]
     for r in main.itertuples():
         lines.append(f"| {r.dataset} | {r.true_k} | {r.method} | {r.n_seeds} | "
                      f"{r.k:.1f} ± {0 if np.isnan(r.k_sd) else r.k_sd:.1f} | {r.k / r.true_k:.2f} | {pm(r.ari, r.ari_sd)} | {pm(r.nmi, r.nmi_sd)} | {r.seconds:.0f} |")
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="(data set, seed) pairs run at once, one process each")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--resolution", type=float, default=None,
+                        help="resolution of the scHashFormer fit (default: the package default)")
     parser.add_argument("--continue", dest="cont", action="store_true", help="skip pairs already in the csv")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the markdown from the csv")
     args = parser.parse_args()
@@ -159,7 +162,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "estimate_k.csv"
     done = pd.read_csv(csv) if (args.cont or args.report_only) and csv.exists() else pd.DataFrame()
-    finished = set() if done.empty else set(zip(done.dataset, done.seed))
+    from schashformer.n_clusters import DEFAULT_RESOLUTION
+
+    resolution = DEFAULT_RESOLUTION if args.resolution is None else args.resolution
+    ours = done[done.method == SCHF.format(resolution)] if not done.empty else done
+    finished = set() if ours.empty else set(zip(ours.dataset, ours.seed))
     tasks = []
     for seed in args.seeds:  # seed-major: every data set gets a result before any gets a second seed
         for name in args.datasets:
@@ -167,7 +174,7 @@ def main() -> None:
             if not path.exists():
                 sys.exit(f"estimate_k: {path} not found (--data-dir)")
             if (name, seed) not in finished and not args.report_only:
-                tasks.append((str(path), name, DATASETS[name][1], seed))
+                tasks.append((str(path), name, DATASETS[name][1], seed, resolution))
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // max(args.jobs, 1)))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before a worker imports torch (hence spawn)
         os.environ[var] = threads

@@ -286,7 +286,7 @@ CASES = {
     "V35": (lambda t, m, f: lambda: tl.cluster(small(), 1, progress=False), ParameterError,
             r"n_clusters must be an integer >= 2, got 1"),
     "V66": (lambda t, m, f: lambda: SCHashFormer(None, resolution=0), ParameterError,
-            r"resolution must be a number > 0 \(default 1\.0; higher gives more clusters\), got 0"),
+            r"resolution must be a number > 0 \(default 0\.5; higher gives more clusters\), got 0"),
     "V67": (lambda t, m, f: lambda: tl.cluster(small(), resolution="abc", progress=False), ParameterError,
             r"resolution must be a number > 0 .*got 'abc'"),
     "V36": (lambda t, m, f: lambda: tl.cluster(small(), 41, progress=False), ParameterError,

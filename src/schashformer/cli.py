@@ -57,8 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("input", help=".h5ad, X/Y .h5, 10x .h5, Matrix Market dir/.mtx, or .csv/.tsv(.gz)")
     run.add_argument("--n-clusters", type=int, default=None,
                      help="number of clusters K (default: estimated by Leiden on the hash-neighbourhood graph)")
-    run.add_argument("--resolution", type=float, default=1.0,
-                     help="without --n-clusters: Leiden resolution, > 0 (default 1.0; higher: more, finer clusters)")
+    run.add_argument("--resolution", type=float, default=0.5,
+                     help="without --n-clusters: Leiden resolution, > 0 (default 0.5; higher: more, finer clusters)")
     run.add_argument("--out", required=True, help="output directory")
     _common(run)
     run.add_argument("--format", default=None, help="input format (h5ad, xy_h5, 10x_h5, mtx, csv, tsv); default: guess")
@@ -149,7 +149,7 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)  # onto a new name or an empty directory
 
 
-def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float = 1.0, labels_key=None, batch_key=None, layer=None,
+def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float = 0.5, labels_key=None, batch_key=None, layer=None,
                 n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
                 umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
                 reference_labels=None, resume: bool = False, checkpoint_every: int = 100, model=None) -> dict:
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if args.command == "demo":
             adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
-            n_clusters, labels_key, resolution = 8, args.labels_key or "label", 1.0
+            n_clusters, labels_key, resolution = 8, args.labels_key or "label", 0.5
             source = {"path": io.bundled_pbmc_path(), "format": "xy_h5"}
         else:
             adata = io.read(args.input, format=args.format, transpose=args.transpose)

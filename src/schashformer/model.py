@@ -45,7 +45,7 @@ class SCHashFormer:
     n_clusters : number of clusters K (2 <= K <= cells), or None to estimate it: after stage-2
         pre-training, Leiden on the hash-neighbourhood kNN graph of z at ``resolution`` gives K
         and the partition that initialises the clustering head (:mod:`schashformer.n_clusters`).
-    resolution : Leiden resolution used when ``n_clusters`` is None (> 0; default 1.0): higher
+    resolution : Leiden resolution used when ``n_clusters`` is None (> 0; default 0.5): higher
         gives more, finer clusters, lower fewer, coarser ones. Ignored when K is given.
     n_top_genes : highly variable genes used as input (all genes if fewer).
     seed : random seed; fixes every random choice on the CPU.
@@ -72,7 +72,8 @@ class SCHashFormer:
     history_ : training losses.
     """
 
-    def __init__(self, n_clusters: int | None = None, *, resolution: float = 1.0, n_top_genes: int = 2000,
+    def __init__(self, n_clusters: int | None = None, *, resolution: float = n_clusters_mod.DEFAULT_RESOLUTION,
+                 n_top_genes: int = 2000,
                  seed: int = 0, device: str = "auto", allow_noncounts: bool = False, progress: bool = True,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100, keep_checkpoint: bool = False,
                  **params):
@@ -360,7 +361,7 @@ class SCHashFormer:
     def _from_state(cls, state: dict, device: str) -> "SCHashFormer":
         """Rebuild a model (on the CPU) from the dictionary :meth:`save` wrote."""
         init = dict(state["init"])
-        model = cls(init.pop("n_clusters"), resolution=init.pop("resolution", 1.0), n_top_genes=init.pop("n_top_genes"),
+        model = cls(init.pop("n_clusters"), resolution=init.pop("resolution", n_clusters_mod.DEFAULT_RESOLUTION), n_top_genes=init.pop("n_top_genes"),
                     seed=init.pop("seed"), allow_noncounts=init.pop("allow_noncounts"), device=device, progress=False,
                     **init)
         model.n_clusters_ = int(state.get("n_clusters_", model.n_clusters))

@@ -1,7 +1,7 @@
 """Estimating the number of clusters K when it is not given (``n_clusters=None``).
 
 The default (chosen by measurement, see docs/METHOD_CHOICES.md, "Number of clusters unknown")
-is Leiden community detection (leidenalg, RB-configuration modularity at ``resolution``) on
+is Leiden community detection (leidenalg, RB-configuration modularity at ``resolution``, default 0.5) on
 the sparse kNN graph of the stage-2 embedding z whose neighbours come from the hash
 neighbourhoods only (:func:`schashformer.buckets.hash_knn_graph`): O(cells x heads x chunk)
 to build, near-linear to partition, and never a global kNN search. K is the number of
@@ -23,6 +23,7 @@ from .errors import ParameterError
 from .validate import is_int
 
 METHODS = ("leiden", "silhouette")
+DEFAULT_RESOLUTION = 0.5  # chosen by benchmarks/estimate_k.py, see docs/METHOD_CHOICES.md
 MEMORY_K = 100  # K assumed by the memory estimate before K is known (the per-cell cost of K is small)
 MIN_SIZE_FRACTION = 0.005  # communities below 0.5% of the cells (and at most 10 cells) are not counted as clusters
 
@@ -31,7 +32,7 @@ def check_resolution(resolution) -> float:
     """``resolution`` as a float > 0, or a ParameterError naming the value."""
     ok = (is_int(resolution) or isinstance(resolution, (float, np.floating))) and math.isfinite(resolution)
     if not ok or resolution <= 0:
-        raise ParameterError(f"resolution must be a number > 0 (default 1.0; higher gives more clusters), "
+        raise ParameterError(f"resolution must be a number > 0 (default {DEFAULT_RESOLUTION}; higher gives more clusters), "
                              f"got {resolution!r}")
     return float(resolution)
 
@@ -82,7 +83,7 @@ def merge_small(z: np.ndarray, labels: np.ndarray, keep: np.ndarray) -> np.ndarr
     return out
 
 
-def estimate(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, *, resolution: float = 1.0,
+def estimate(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, *, resolution: float = DEFAULT_RESOLUTION,
              n_neighbors: int = 15, seed: int = 0, method: str = "leiden",
              max_clusters: int | None = None) -> tuple[int, np.ndarray]:
     """Estimate K from the embedding ``z`` (cells, d) and the hash-sorted ``orders`` (one per head).

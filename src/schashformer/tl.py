@@ -19,7 +19,7 @@ from .annotate import annotate  # noqa: E402,F401  (label transfer; lives in its
 from .rare import rare_populations  # noqa: E402,F401  (per-label / per-cluster scores)
 
 
-def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 1.0,
+def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 0.5,
             labels_key: str | None = None, batch_key: str | None = None,
             layer: str | None = None, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
             key_added: str = "schashformer", allow_noncounts: bool = False, overwrite: bool = False,
@@ -32,7 +32,7 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
     adata : AnnData with raw counts (cells x genes) in ``.X`` or ``layer``.
     n_clusters : number of clusters K; None (default) estimates it (Leiden on the hash-neighbourhood
         graph of the embedding, see :mod:`schashformer.n_clusters`).
-    resolution : with ``n_clusters=None``, the Leiden resolution (> 0, default 1.0): higher gives more,
+    resolution : with ``n_clusters=None``, the Leiden resolution (> 0, default 0.5): higher gives more,
         finer clusters, lower fewer, coarser ones.
     labels_key : ``obs`` column of known cell types; used only for evaluation (metrics).
     batch_key : ``obs`` column of batches, a covariate of the ZINB decoders.
