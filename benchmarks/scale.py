@@ -195,6 +195,7 @@ def run_peer(peer: str, path: Path, n: int, args, workdir: Path) -> dict:
            "--seed", str(args.seed), "--n-clusters", str(args.n_clusters)]
     cmd += [a for kv in (args.param or []) for a in ("--param", kv)]
     cap = args.mem_cap_gib * 2**30
+    load_before = os.getloadavg()[0]  # other work on the machine shows here (1-minute load average)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / f"{peer}.log", "w"),
                             start_new_session=True)
@@ -219,7 +220,8 @@ def run_peer(peer: str, path: Path, n: int, args, workdir: Path) -> dict:
            "peak_rss_gib": round(max(peak / 2**30, info.get("peak_rss_gib", 0.0)), 2),
            "ari": info.get("scores", {}).get("ari"), "nmi": info.get("scores", {}).get("nmi"),
            "n_clusters_found": info.get("n_clusters_found", args.n_clusters if peer == "schashformer" else None),
-           "stages": info.get("stages", {}), "threads": args.threads, "mem_cap_gib": args.mem_cap_gib}
+           "stages": info.get("stages", {}), "threads": args.threads, "mem_cap_gib": args.mem_cap_gib,
+           "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
     print(f"{peer:16s} {n:>8d} cells: {status:8s} {wall:7.1f} s  peak {row['peak_rss_gib']:5.2f} GiB  "
           f"ARI {row['ari'] if row['ari'] is None else round(row['ari'], 3)}", flush=True)
     return row
@@ -258,13 +260,14 @@ def write_outputs(rows: list[dict], args, started: float) -> None:
              f"({args.n_clusters} types, seed {args.seed}), 2000 genes. Whole benchmark: "
              f"{(time.perf_counter() - started) / 60:.1f} min.", "",
              f"Command: `{' '.join(['python', 'benchmarks/scale.py'] + sys.argv[1:])}`", "",
-             "| peer | cells | status | wall s | peak GiB | ARI | NMI | clusters | stages (s / peak GiB) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "| peer | cells | status | wall s | peak GiB | ARI | NMI | clusters | load before/after | stages (s / peak GiB) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in flat:
         fmt = lambda v, d=3: "" if v is None or v != v else f"{v:.{d}f}"  # noqa: E731
         status = r["status"] + (f" ({r['note']})" if r.get("note") == r.get("note") and r.get("note") else "")
         lines.append(f"| {r['peer']} | {r['cells']:,} | {status} | {fmt(r['wall_s'], 1)} | {fmt(r['peak_rss_gib'], 2)} | "
-                     f"{fmt(r['ari'])} | {fmt(r['nmi'])} | {r['n_clusters_found'] or ''} | {r['stages']} |")
+                     f"{fmt(r['ari'])} | {fmt(r['nmi'])} | {r['n_clusters_found'] or ''} | "
+                     f"{fmt(r.get('load_before'), 1)}/{fmt(r.get('load_after'), 1)} | {r['stages']} |")
     lines += ["", "Log-log slopes between 10^5 and 10^6 cells (successful runs):", "",
               "| peer | time slope | memory slope |", "|---|---:|---:|"]
     for peer in dict.fromkeys(r["peer"] for r in rows):
@@ -278,9 +281,12 @@ def write_outputs(rows: list[dict], args, started: float) -> None:
         lines += ["", f"At {c:,} cells: scHashFormer {a['wall_s']:.0f} s vs scanpy sparse-PCA {b['wall_s']:.0f} s "
                   f"(ratio {a['wall_s'] / b['wall_s']:.2f}); peak memory {a['peak_rss_gib']:.2f} vs "
                   f"{b['peak_rss_gib']:.2f} GiB; ARI {a['ari']:.3f} vs {b['ari']:.3f}."]
+    lines += ["", "Load = the machine's 1-minute load average before and after the run (2 cores: above ~2 means "
+              "other work competed with the run)."]
     lines += ["", "Plots: `time_vs_cells.png`, `memory_vs_cells.png` (this folder). OOM = killed at the memory cap "
-              "(or by the kernel), TIMEOUT = killed at the time-out, SKIPPED = not run after a failure at a smaller "
-              "size."]
+              "(or by the kernel), TIMEOUT = killed at the time-out, SKIPPED = not run (after a failure at a smaller "
+              "size, or with --predict-oom when the peak memory extrapolated linearly from the smaller size exceeds "
+              "the cap; the reason is given)."]
     (out / "scale.md").write_text("\n".join(lines) + "\n")
 
 
