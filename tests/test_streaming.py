@@ -145,3 +145,14 @@ def test_mixed_precision_hashing_pass(big_sim, monkeypatch):
     assert tokens16.dtype == np.float32 and h16.dtype == np.float32 and np.array_equal(mask, mask16)
     assert (codes16 == codes).mean() > 0.8
     assert np.abs(tokens16 - tokens).mean() < 0.1 * np.abs(tokens).mean()
+
+
+def test_tl_cluster_on_backed_anndata(big_sim, tmp_path):
+    from schashformer import tl
+
+    big_sim.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    tl.cluster(backed, 3, labels_key="label", progress=False, train_cells=300, **FAST)
+    assert backed.isbacked and backed.obs["schashformer"].notna().sum() == 599  # the empty cell has no label
+    assert backed.uns["schashformer"]["data_checksum"] == record.data_checksum(big_sim.X)
+    assert backed.uns["schashformer"]["metrics"]["ari"] > 0.8
