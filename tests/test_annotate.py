@@ -135,6 +135,12 @@ def cluster_out(tmp_path_factory):
 def test_cli_annotate(cluster_out, capsys):
     tmp, ref_out = cluster_out
     assert (ref_out / "model" / "model.pt").is_file()
+    # `cluster` writes its plots next to the results (umap.png was skipped with --no-umap)
+    for name in ("confusion.png", "bucket_sizes.png", "training_curves.png"):
+        assert (ref_out / name).read_bytes()[:4] == b"\x89PNG", name
+    assert not (ref_out / "umap.png").exists()
+    report = json.loads((ref_out / "metrics.json").read_text())
+    assert {"bucket_sizes_plot", "training_curves_plot", "confusion_plot"} <= set(report["timings"])
     out = tmp / "annot"
     argv = ["annotate", str(tmp / "query.h5ad"), "--reference", str(ref_out), "--labels-key", "label",
             "--query-labels-key", "label", "--out", str(out), "--no-umap"]

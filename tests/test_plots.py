@@ -3,7 +3,6 @@
 import anndata as ad
 import matplotlib
 import numpy as np
-import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
@@ -79,20 +78,3 @@ def test_training_curves_from_model_and_saved_result(clustered, tmp_path):
         pl.training_curves([{"x": 1}])
     with pytest.raises(InputError, match="no training history"):
         pl.training_curves(ad.AnnData(np.zeros((2, 2), np.float32)))
-
-
-def test_cli_cluster_writes_plots_next_to_results(tmp_path):
-    from schashformer.cli import main
-
-    simulate_counts(n_cells=200, seed=22).write_h5ad(tmp_path / "in.h5ad")
-    args = [a for k, v in FAST.items() for a in ("--param", f"{k}={v}")]
-    out = tmp_path / "out"
-    # --no-umap: test_tl_cli checks umap.png; here the plots this module added
-    assert main(["cluster", str(tmp_path / "in.h5ad"), "--n-clusters", "3", "--labels-key", "label", "--out",
-                 str(out), "--quiet", "--no-umap", *args]) == 0
-    assert not (out / "umap.png").exists()
-    for name in ("confusion.png", "bucket_sizes.png", "training_curves.png"):
-        assert _is_png(out / name), name
-    assert (out / "model" / "model.pt").is_file()
-    report = pd.read_json(out / "metrics.json", typ="series")
-    assert {"bucket_sizes_plot", "training_curves_plot"} <= set(report["timings"])
