@@ -35,7 +35,7 @@ from schashformer.datasets import add_batch_effects
 from schashformer.integration import integration_scores
 
 HERE = Path(__file__).resolve().parent
-SCORES = ("ilisi", "kbet", "batch_asw", "label_asw", "clisi", "ari", "nmi", "mixing", "biology")
+SCORES = ("ilisi", "kbet", "batch_asw", "mixing", "label_asw", "clisi", "ari", "nmi", "biology")  # table order
 
 
 def load(name: str, data_dir: Path, sim_cells: int):
@@ -158,12 +158,12 @@ def write_md(df: pd.DataFrame, args, described: dict, out: Path, total: float) -
     for name in [d for d in args.datasets if d in set(df["dataset"])]:
         part = df[df["dataset"] == name]
         lines += [f"## {name}: {described[name]}", "",
-                  "| method | iLISI | kBET | batch ASW | **mixing** | type ASW | cLISI | ARI | NMI | **biology** | s/run |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | iLISI | kBET | batch ASW | **mixing** | type ASW | cLISI | ARI | NMI | **biology** | seeds "
+                  "| s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, g in part.groupby("method", sort=False):
             cells = [f"{g[c].mean():.3f} ± {g[c].std(ddof=1) if len(g) > 1 else 0:.3f}" for c in SCORES]
             cells[3], cells[8] = f"**{cells[3]}**", f"**{cells[8]}**"
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {g['seconds'].mean():.0f} |")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(g)} | {g['seconds'].mean():.0f} |")
         lines.append("")
     (out / "integration.md").write_text("\n".join(lines))
 

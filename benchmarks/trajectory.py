@@ -122,12 +122,12 @@ def write_md(df: pd.DataFrame, args, described: dict, out: Path, total: float) -
              + "".join(f" --param {p}" for p in args.param) + "`", "",
              "Mean ± sd over seeds (for the simulation each seed is also a new data set). Root: the first time "
              "point's cell most extreme along the first diffusion component. Plots: `trajectory_<data>.png`.", "",
-             "| data set | method | Spearman | Spearman within lineage | s/run |", "|---|---|---|---|---|"]
+             "| data set | method | Spearman | Spearman within lineage | seeds | s/run |", "|---|---|---|---|---|---|"]
     for (name, method), g in df.groupby(["dataset", "method"], sort=False):
         within = (f"{g['spearman_within_lineage'].mean():.3f} ± {(g['spearman_within_lineage'].std(ddof=1) if len(g) > 1 else 0):.3f}"
                   if "spearman_within_lineage" in g and g["spearman_within_lineage"].notna().any() else "")
         lines.append(f"| {name} | {method} | {g['spearman'].mean():.3f} ± {(g['spearman'].std(ddof=1) if len(g) > 1 else 0):.3f} | "
-                     f"{within} | {g['seconds'].mean():.0f} |")
+                     f"{within} | {len(g)} | {g['seconds'].mean():.0f} |")
     lines += ["", *[f"- {n}: {d}" for n, d in described.items()]]
     (out / "trajectory.md").write_text("\n".join(lines) + "\n")
 
