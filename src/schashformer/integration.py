@@ -195,25 +195,6 @@ def integration_scores(embedding, batches, labels, clusters=None, *, n_neighbors
     return out
 
 
-def center_batches(x: np.ndarray, batch_index: np.ndarray, n_batches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each batch's mean offset from the rows of ``x`` (cells, dims): a location-only ComBat.
-
-    Returns the corrected rows and the offsets (batches, dims) that were subtracted (batch mean
-    minus the mean over batches), so the same offsets can be removed from new cells of known batch.
-    One pass over the cells: linear time, no neighbour search.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    b = np.asarray(batch_index, dtype=np.int64)
-    n_batches = int(b.max()) + 1 if n_batches is None else n_batches
-    counts = np.bincount(b, minlength=n_batches).astype(np.float64)
-    sums = np.zeros((n_batches, x.shape[1]))
-    np.add.at(sums, b, x)
-    means = sums / np.maximum(counts, 1)[:, None]
-    present = counts > 0
-    offsets = np.where(present[:, None], means - means[present].mean(0), 0.0).astype(np.float32)
-    return x - offsets[b], offsets
-
-
 def align_batches(embedding: np.ndarray, batches, clusters, *, shrinkage: float = 10.0) -> np.ndarray:
     """Remove each batch's offset within each cluster: z_i - w (mean of i's batch in i's cluster - cluster mean).
 
