@@ -22,8 +22,6 @@ Writes benchmarks/results/annotation.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 import warnings
 from pathlib import Path

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from schashformer import io
 from schashformer import io, tl
 from schashformer.cli import _parse_params
 from schashformer.datasets import add_batch_effects

@@ -11,6 +11,7 @@ old contents of ``OUT`` once the results are in place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -149,6 +150,33 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)  # onto a new name or an empty directory
 
 
+@contextlib.contextmanager
+def staged_output(out: Path, final_check, *, hint: str = ""):
+    """Yield a fresh staging directory next to ``out``; on success call ``final_check()`` and publish it as ``out``.
+
+    Whatever fails inside the block, the staging directory is removed and ``out`` is untouched;
+    an ``OSError`` becomes one :class:`OutputError` line naming ``out`` (plus ``hint``).
+    """
+    staging = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; results get the usual permissions
+        yield staging
+        final_check()
+        _publish(staging, out)
+    except SCHashFormerError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); no partial results "
+                          f"were left there{hint}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float = 0.5, labels_key=None, batch_key=None, layer=None,
                 n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
                 umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
@@ -194,34 +222,17 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
         new, old = (np.asarray(v, dtype=object).astype(str) for v in (adata.obs["schashformer"], reference_labels))
         report["rerun"] = {"identical_labels": bool(np.array_equal(new, old)),
                            "n_cells_differing": int((new != old).sum()) if new.shape == old.shape else -1}
-    staging = None
-    try:
-        from .io import write_h5ad
+    from .cli_analysis import MODEL_DIR, write_cluster_plots
+    from .io import write_h5ad
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; results get the usual permissions
-
-        from .cli_analysis import MODEL_DIR, write_cluster_plots
-
+    hint = f" (the trained state is kept in {out / CHECKPOINT_DIR}: rerun with --resume to skip training)"
+    # the final check: nothing else appeared in out meanwhile (our checkpoint may; it is deleted with the old out)
+    with staged_output(out, lambda: check_out_dir(out, overwrite, resume=True), hint=hint) as staging:
         report["timings"].update(write_cluster_plots(adata, model, staging, labels_key, umap=umap))
         model.save(staging / MODEL_DIR)  # `schashformer annotate --reference OUT` maps new cells with it
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_h5ad(adata, staging / "result.h5ad")
         (staging / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
-        check_out_dir(out, overwrite, resume=True)  # nothing else appeared in out meanwhile (our checkpoint may)
-        _publish(staging, out)  # the old out, checkpoint included, is deleted
-    except SCHashFormerError:
-        raise
-    except OSError as exc:
-        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); no partial results were "
-                          f"left there (the trained state is kept in {out / CHECKPOINT_DIR}: rerun with --resume to skip "
-                          "training)") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError, OutputExistsError, SCHashFormerError
+from .errors import InputError, OutputExistsError
 
 ANNOTATE_FILES = ("annotation.csv", "annotation.json", "result.h5ad", "umap.png", "confusion.png")
 EVALUATE_FILES = ("per_label.csv", "per_cluster.csv", "evaluation.json", "confusion.png")
@@ -102,26 +99,10 @@ def check_out(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
 
 def _write_atomic(out: Path, names: tuple[str, ...], overwrite: bool, write) -> None:
     """Call ``write(staging_dir)``, then rename the staging directory to ``out`` (nothing partial is left)."""
-    from .cli import _publish
+    from .cli import staged_output
 
-    staging = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+    with staged_output(out, lambda: check_out(out, names, overwrite)) as staging:  # nothing else appeared meanwhile
         write(staging)
-        check_out(out, names, overwrite)  # nothing else appeared meanwhile
-        _publish(staging, out)
-    except SCHashFormerError:
-        raise
-    except OSError as exc:
-        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); no partial results "
-                          "were left there") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _reference_and_model(reference: str, model: str | None):

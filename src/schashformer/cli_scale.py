@@ -11,15 +11,12 @@ available memory to load, or with ``--out-of-core``: the matrix is never loaded,
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError, ParameterError, SCHashFormerError
+from .errors import InputError, ParameterError
 
 COMMANDS = ("simulate",)
 UMAP_CELLS = 20000  # the UMAP of an out-of-core run shows a random subsample of this many cells
@@ -134,13 +131,7 @@ def _write(args, out: Path, source, result, model, report: dict, start: float) -
     from . import cli
     from .streaming import write_result_h5ad
 
-    staging = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+    with cli.staged_output(out, lambda: cli.check_out_dir(out, args.overwrite, resume=True)) as staging:
         t0 = time.perf_counter()
         result.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_result_h5ad(Path(args.input), staging / "result.h5ad", result.obs, dict(result.obsm),
@@ -159,13 +150,3 @@ def _write(args, out: Path, source, result, model, report: dict, start: float) -
                                               "cells": int(len(rows))}
         report["wall_seconds"] = round(time.perf_counter() - start, 3)
         (staging / "metrics.json").write_text(json.dumps(cli._jsonable(report), indent=2))
-        cli.check_out_dir(out, args.overwrite, resume=True)
-        cli._publish(staging, out)
-    except SCHashFormerError:
-        raise
-    except OSError as exc:
-        raise OutputError(f"{out}: results could not be written ({type(exc).__name__}: {exc}); no partial results "
-                          "were left there") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
