@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from schashformer import io, tl
+from schashformer.baselines import pca_embedding
 from schashformer.cli import _parse_params
 from schashformer.datasets import add_batch_effects
 from schashformer.integration import integration_scores
@@ -51,18 +52,6 @@ def load(name: str, data_dir: Path, sim_cells: int):
     raise SystemExit(f"unknown data set {name!r} (baron, pbmc_batches)")
 
 
-def pca(adata, seed: int) -> np.ndarray:
-    import scanpy as sc
-
-    b = adata.copy()
-    sc.pp.normalize_total(b, target_sum=1e4)
-    sc.pp.log1p(b)
-    sc.pp.highly_variable_genes(b, n_top_genes=min(2000, b.n_vars), subset=True)
-    sc.pp.scale(b, max_value=10)
-    sc.pp.pca(b, n_comps=50, random_state=seed)
-    return b.obsm["X_pca"]
-
-
 def kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
@@ -80,7 +69,7 @@ def run_methods(adata, batch_key: str, labels_key: str, k: int, seed: int, skip_
             yield (name + " + tl.integrate", a.obsm["X_schashformer_integrated"], a.obs["schashformer"].to_numpy(),
                    time.perf_counter() - start)
     start = time.perf_counter()
-    x = pca(adata, seed)
+    x = pca_embedding(adata, seed=seed)
     t_pca = time.perf_counter() - start
     yield "PCA + k-means (no correction)", x, kmeans(x, k, seed), time.perf_counter() - start
     try:

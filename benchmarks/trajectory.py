@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from schashformer import io, pl, tl
+from schashformer.baselines import pca_embedding
 from schashformer.cli import _parse_params
 from schashformer.datasets import simulate_branching
 from schashformer.trajectory import pseudotime_correlation
@@ -45,18 +46,6 @@ def load(name: str, data_dir: Path, seed: int):
         return (io.read(data_dir / "klein_subset_1000x900.h5ad"), "day=0", "day", 4,
                 "Klein 2015 mouse ES cells, 1000 cells x 900 genes, truth = day 0/2/4/7")
     raise SystemExit(f"unknown data set {name!r} (branching, klein)")
-
-
-def pca(adata, seed: int) -> np.ndarray:
-    import scanpy as sc
-
-    b = adata.copy()
-    sc.pp.normalize_total(b, target_sum=1e4)
-    sc.pp.log1p(b)
-    sc.pp.highly_variable_genes(b, n_top_genes=min(2000, b.n_vars), subset=True)
-    sc.pp.scale(b, max_value=10)
-    sc.pp.pca(b, n_comps=50, random_state=seed)
-    return b.obsm["X_pca"]
 
 
 def scores(adata, truth: str) -> dict:
@@ -97,7 +86,7 @@ def main() -> None:
                 colour = [truth] + (["branch"] if "branch" in adata.obs else [])
                 pl.trajectory(adata, color=colour, save=out / f"trajectory_{name}.png", show=False)
             start = time.perf_counter()
-            adata.obsm["X_pca"] = pca(adata, seed)
+            adata.obsm["X_pca"] = pca_embedding(adata, seed=seed)
             tl.trajectory(adata, root, use_rep="X_pca", groups=None, key_added="pca_traj", seed=seed, umap=False)
             adata.obs["trajectory_pseudotime"] = adata.obs["pca_traj_pseudotime"]
             rows.append({"dataset": name, "method": "scanpy PCA + DPT", "seed": seed, **scores(adata, truth),

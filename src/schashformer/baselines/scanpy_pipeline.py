@@ -65,6 +65,11 @@ def _preprocess_pca(adata: ad.AnnData, *, seed: int = 0, n_top_genes: int = 2000
     return a, info
 
 
+def pca_embedding(adata: ad.AnnData, *, seed: int = 0, n_top_genes: int = 2000, n_pcs: int = 50) -> np.ndarray:
+    """(cells, n_pcs) scanpy PCA of raw counts: normalise, log1p, HVG (seurat), scale, PCA; input untouched."""
+    return _preprocess_pca(adata, seed=seed, n_top_genes=n_top_genes, n_pcs=n_pcs)[0].obsm["X_pca"]
+
+
 def _leiden(a: ad.AnnData, resolution: float, seed: int) -> np.ndarray:
     import scanpy as sc
 
