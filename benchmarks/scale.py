@@ -339,6 +339,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="threads per run (torch, BLAS, numba)")
     p.add_argument("--mem-cap-gib", type=float, default=20.0, help="a run above this resident memory is killed (OOM)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed (TIMEOUT)")
+    p.add_argument("--peer-sizes", action="append", metavar="PEER=N1,N2",
+                   help="run PEER only at these sizes (repeatable); its other sizes are recorded as SKIPPED")
     p.add_argument("--predict-oom", action="store_true",
                    help="skip a run whose peak memory, extrapolated linearly from the peer's previous size, exceeds "
                         "the cap (recorded as SKIPPED with the prediction)")
@@ -367,6 +369,7 @@ def main() -> int:
     unknown = set(peers) - set(PEERS)
     if unknown:
         p.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    only = {k: {int(v) for v in vs.split(",")} for k, _, vs in (ps.partition("=") for ps in (args.peer_sizes or []))}
     started = time.perf_counter()
     data_dir = Path(args.data_dir)
     rows, failed = [], {}
@@ -378,6 +381,12 @@ def main() -> int:
                              "peak_rss_gib": float("nan"), "ari": None, "nmi": None, "n_clusters_found": None,
                              "stages": {}, "threads": args.threads, "mem_cap_gib": args.mem_cap_gib,
                              "note": f"{failed[peer]} at a smaller size"})
+                continue
+            if peer in only and n not in only[peer]:
+                rows.append({"peer": peer, "cells": n, "status": "SKIPPED", "wall_s": float("nan"),
+                             "peak_rss_gib": float("nan"), "ari": None, "nmi": None, "n_clusters_found": None,
+                             "stages": {}, "threads": args.threads, "mem_cap_gib": args.mem_cap_gib,
+                             "note": "not run at this size (--peer-sizes)"})
                 continue
             prev = [r for r in rows if r["peer"] == peer and r["status"] == "ok"]
             if args.predict_oom and prev:
