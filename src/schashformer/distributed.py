@@ -333,22 +333,11 @@ def seurat_hvg(n: int, s1: np.ndarray, s2: np.ndarray, n_top_genes: int) -> np.n
     and of its square: what scanpy computes from the whole matrix, reduced across shards instead.
     Empty result: no gene has a defined dispersion (the caller falls back to the variance).
     """
+    from .streaming import normalised_dispersion
+
     mean = s1 / n
     var = (s2 / n - mean**2) * (n / (n - 1) if n > 1 else 1.0)
-    mean[mean == 0] = 1e-12
-    dispersion = var / mean
-    dispersion[dispersion == 0] = np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dispersion = np.log(dispersion)
-    mean = np.log1p(mean)
-    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
-    df["mean_bin"] = pd.cut(df["means"], bins=20)
-    stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
-    single = stats["dev"].isnull()  # one gene in the bin: normalised dispersion 1, as scanpy does
-    stats.loc[single, "dev"] = stats.loc[single, "avg"]
-    stats.loc[single, "avg"] = 0
-    per_gene = stats.loc[df["mean_bin"]]
-    norm = ((df["dispersions"].to_numpy() - per_gene["avg"].to_numpy()) / per_gene["dev"].to_numpy())
+    norm = normalised_dispersion(mean, var)
     finite = norm[~np.isnan(norm)]
     if finite.size == 0:
         return np.zeros(0, dtype=np.int64)

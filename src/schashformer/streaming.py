@@ -207,6 +207,29 @@ def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool 
     return st
 
 
+def normalised_dispersion(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """(genes,) scanpy's seurat-flavour normalised dispersion from per-gene mean and variance.
+
+    log(var / mean) standardised within 20 equal-width bins of log1p(mean); NaN where undefined.
+    Shared by the streamed (:func:`select_hvg`) and the shard-reduced (``distributed``) statistics.
+    """
+    mean = mean.copy()
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dispersion = np.log(dispersion)
+    df = pd.DataFrame({"means": np.log1p(mean), "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=_HVG_BINS)
+    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
+    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
+    single = bin_std.isnull()  # a bin with one gene: its normalised dispersion is 1, as in scanpy
+    bin_std[single] = bin_mean[single]
+    bin_mean[single] = 0
+    return ((df["dispersions"].to_numpy() - bin_mean[df["mean_bin"]].to_numpy())
+            / bin_std[df["mean_bin"]].to_numpy())
+
+
 def select_hvg(st: StreamStats, n_top_genes: int) -> np.ndarray:
     """Column indices of the highly variable genes, scanpy's ``seurat`` flavour, from streamed sums.
 
@@ -222,22 +245,7 @@ def select_hvg(st: StreamStats, n_top_genes: int) -> np.ndarray:
     n = st.n_kept
     mean = st.sum_norm[detected] / n
     var = (st.sumsq_norm[detected] - n * mean**2) / max(n - 1, 1)
-    mean[mean == 0] = 1e-12
-    dispersion = var / mean
-    dispersion[dispersion == 0] = np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dispersion = np.log(dispersion)
-    mean = np.log1p(mean)
-    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
-    df["mean_bin"] = pd.cut(df["means"], bins=_HVG_BINS)
-    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
-    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
-    single = bin_std.isnull()  # a bin with one gene: its normalised dispersion is 1, as in scanpy
-    bin_std[single] = bin_mean[single]
-    bin_mean[single] = 0
-    norm = ((df["dispersions"].to_numpy() - bin_mean[df["mean_bin"]].to_numpy())
-            / bin_std[df["mean_bin"]].to_numpy())
-    norm = np.nan_to_num(norm.astype(np.float64), nan=-np.inf)
+    norm = np.nan_to_num(normalised_dispersion(mean, var).astype(np.float64), nan=-np.inf)
     if not np.isfinite(norm).any():  # no defined dispersion: fall back to the largest variances
         return np.sort(detected[np.argsort(-var, kind="stable")[:n_top_genes]])
     cutoff = np.sort(norm)[::-1][n_top_genes - 1]
