@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from schashformer import io, tl
-from schashformer.annotate import UNKNOWN, hash_candidates, sort_keys, vote
+from schashformer.annotate import DEFAULT_CLASS_BALANCE, DEFAULT_SPACE, UNKNOWN, hash_candidates, sort_keys, vote
 from schashformer.cli import main
 from schashformer.errors import InputError, ParameterError
 from tests.conftest import FAST, simulate_counts
@@ -86,6 +86,11 @@ def test_annotate_errors(fitted, tmp_path):
         tl.annotate(qry, ref, "label", model=tmp_path, copy=True)
     with pytest.raises(ParameterError, match="min_confidence"):
         tl.annotate(qry, ref, "label", model=model, min_confidence=1.5, copy=True)
+    for bad_balance in (-0.1, 1.5, "0.5", True, float("nan")):
+        with pytest.raises(ParameterError, match="class_balance"):
+            tl.annotate(qry, ref, "label", model=model, class_balance=bad_balance, copy=True)
+    with pytest.raises(ParameterError, match="space must be one of"):
+        tl.annotate(qry, ref, "label", model=model, space="pca", copy=True)
     bad = ref.copy()
     bad.obs["label"] = bad.obs["label"].astype(str).replace("0", UNKNOWN)
     with pytest.raises(InputError, match="already uses the label 'unknown'"):
@@ -117,6 +122,52 @@ def test_vote_distance_weighted_by_hand():
     best, conf, _ = vote(np.array([[0.05], [9.9]]), z_ref, labels, cand, n_neighbors=4, n_labels=2)
     assert best[0] == 0 and 0.5 < conf[0] < 1  # one very close label-0 cell outweighs three far label-1 cells
     assert best[1] == -1 and conf[1] == 0  # no labeled candidate
+
+
+def test_vote_class_balance_and_weight_power_by_hand():
+    # one reference cell of label 1 at distance 1, nine of label 0 at distance 2 from the query
+    z_ref = np.array([[1.0]] + [[-2.0]] * 9)
+    labels = np.array([1] + [0] * 9)
+    cand = np.arange(10)[None, :]
+    q = np.zeros((1, 1))
+    plain, _, _ = vote(q, z_ref, labels, cand, 10, 2, class_balance=0.0, power=1.0)
+    assert plain[0] == 0  # 9 x 1/2.1 > 1/1.1: the reference majority wins
+    balanced, conf, _ = vote(q, z_ref, labels, cand, 10, 2, class_balance=1.0, power=1.0)
+    assert balanced[0] == 1  # (1/1.1) / 0.1 > (9/2.1) / 0.9: equal label priors
+    np.testing.assert_allclose(conf[0], (1 / 1.1 / 0.1) / (1 / 1.1 / 0.1 + 9 / 2.1 / 0.9))
+    steep, _, _ = vote(q, z_ref, labels, cand, 10, 2, class_balance=0.0, power=4.0)
+    assert steep[0] == 1  # 1/1.1^4 > 9/2.1^4: the nearest cell dominates at power 4
+    half, _, _ = vote(q, z_ref, labels, cand, 10, 2, class_balance=0.5, power=1.0)
+    assert half[0] == 0  # in between: (1/1.1) / sqrt(0.1) = 2.87 < (9/2.1) / sqrt(0.9) = 4.52
+
+
+def test_annotate_rare_reference_type_in_a_shifted_query():
+    """A type with 8 reference cells but ~40% of a query whose genes are shifted (another donor, deeper
+    libraries): the default vote (z + tokens, class_balance 0.5) finds it; the plain vote in z does not."""
+    import anndata as ad
+
+    adata = simulate_counts(n_cells=1000, n_genes=200, n_types=4, seed=21)
+    y = adata.obs["label"].astype(str).to_numpy()
+    idx = np.arange(adata.n_obs)
+    rare = idx[y == "3"]
+    ref = adata[np.concatenate([idx[(y != "3") & (idx < 600)], rare[:8]])].copy()
+    qry = adata[np.concatenate([idx[(y != "3") & (idx >= 600)], rare[8:]])].copy()
+    rng = np.random.default_rng(0)
+    shift = rng.lognormal(0.0, 0.3, size=qry.n_vars) * 1.5  # gene-wise factors and 1.5x deeper libraries
+    qry = ad.AnnData(sp.csr_matrix(rng.poisson(qry.X.toarray() * shift).astype(np.float32)), obs=qry.obs.copy(),
+                     var=qry.var.copy())
+    _, model = tl.cluster(ref, 4, progress=False, return_model=True, seed=0, **FAST)
+    truth = qry.obs["label"].astype(str).to_numpy()
+
+    def run(**kwargs):
+        pred = tl.annotate(qry, ref, "label", model=model, min_confidence=0.0, copy=True, **kwargs)
+        pred = pred.obs["schashformer_annotation"].astype(str).to_numpy()
+        return (pred == truth).mean(), (pred[truth == "3"] == "3").mean()
+
+    acc, recall = run()
+    assert acc > 0.68 and recall > 0.25, (acc, recall)  # measured 0.74 / 0.39
+    acc_z, recall_z = run(space="z", class_balance=0.0)
+    assert recall_z < recall - 0.2 and acc_z < acc - 0.05, (acc_z, recall_z)  # measured 0.58 / 0.01
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +203,16 @@ def test_cli_annotate(cluster_out, capsys):
     assert list(table.columns) == ["label", "confidence"] and len(table) == 100
     report = json.loads((out / "annotation.json").read_text())
     assert report["accuracy"] > 0.85 and 0 <= report["unknown_fraction"] < 0.2
+    # without --space / --class-balance the command line uses the API's defaults
+    assert report["space"] == DEFAULT_SPACE and report["class_balance"] == DEFAULT_CLASS_BALANCE
+    z_out = tmp / "annot_z"
+    assert main(["annotate", str(tmp / "query.h5ad"), "--reference", str(ref_out), "--labels-key", "label",
+                 "--out", str(z_out), "--no-umap", "--space", "z", "--class-balance", "0", "--quiet"]) == 0
+    report_z = json.loads((z_out / "annotation.json").read_text())
+    assert report_z["space"] == "z" and report_z["class_balance"] == 0.0
+    assert main(["annotate", str(tmp / "query.h5ad"), "--reference", str(ref_out), "--labels-key", "label",
+                 "--out", str(tmp / "annot_bad"), "--class-balance", "2", "--quiet"]) == 2
+    assert "class_balance" in capsys.readouterr().err
     assert "schashformer_annotation" in io.read(out / "result.h5ad").obs
     # results are not replaced without --overwrite; one line, exit 2
     assert main(argv) == 2

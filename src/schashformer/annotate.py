@@ -5,9 +5,18 @@ with a warning) -> trained hasher (bucket codes per hash head) -> stage-2 tokens
 Candidate neighbours of a query cell are the reference cells next to it in each head's sorted
 hash order (the same sort-and-chunk order that stage 2 attends over, :mod:`schashformer.buckets`):
 a query cell's key is located in the reference's sorted keys by binary search and the ``window``
-reference cells on either side are taken, per head. The ``n_neighbors`` nearest candidates in z
-vote, weighted by inverse distance. Cost O(query x heads x window) plus O(cells log cells) for the
-sort: no all-pairs distances and no global kNN index.
+reference cells on either side are taken, per head. The ``n_neighbors`` nearest candidates vote,
+weighted by inverse distance to the fourth power, in the vote space (``space``): by default z next
+to the stage-2 tokens (stage-1 hidden layer + principal components), each part scaled to unit
+root-mean-square norm over the reference. Each label's tally is divided by its reference frequency
+to the power ``class_balance`` (0.5 by default), so that a type that is rare in the reference but
+common in the query is not out-voted by the reference's majority types. Cost O(query x heads x
+window) plus O(cells log cells) for the sort: no all-pairs distances and no global kNN index.
+
+Why not z alone: z is trained with a clustering objective on the reference, which pulls small
+reference types into the large clusters next to them. Transferring across donors (mouse pancreas,
+mouse1 -> mouse2: 9 reference alpha cells, 182 query alpha cells) the vote in z called every query
+alpha cell delta; the tokens keep the small types apart (benchmarks/results/annotation.md).
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ from .train import Stage2, hash_cells, token_features
 from .validate import check_adata, is_int
 
 UNKNOWN = "unknown"
+SPACES = ("combined", "z", "tokens")  # vote spaces: z next to the tokens, z alone, the stage-2 tokens alone
+DEFAULT_SPACE = "combined"
+DEFAULT_CLASS_BALANCE = 0.5  # label tallies / (reference label frequency) ** this
+WEIGHT_POWER = 4.0  # a neighbour's vote weight: 1 / distance ** this (relative to the nearest candidate)
 
 
 @dataclass
@@ -36,6 +49,7 @@ class Mapped:
     codes: np.ndarray  # (cells, heads) bucket ids
     keys: np.ndarray  # (cells, heads) float64 sort keys: bucket id, then position inside the bucket
     z: np.ndarray  # (cells, latent) embedding
+    tokens: np.ndarray  # (cells, token width) stage-2 tokens: stage-1 hidden layer + scaled principal components
 
 
 def sort_keys(codes: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -70,7 +84,25 @@ def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str 
     orders = [np.argsort(keys[:, k], kind="stable") for k in range(keys.shape[1])]
     stage2 = Stage2(model.encoder_, model.decoder_, model.head_, data, tokens, orders, model.config,
                     np.random.default_rng(model.seed))
-    return Mapped(prep, codes, keys, stage2.embed_all())
+    return Mapped(prep, codes, keys, stage2.embed_all(), tokens)
+
+
+def vote_space(ref: Mapped, qry: Mapped, space: str) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, query) coordinates the vote measures distances in (see :data:`SPACES`).
+
+    ``"combined"`` puts z next to the tokens, each divided by its root-mean-square norm over the
+    reference cells so that both parts weigh the same whatever their widths and scales.
+    """
+    if space == "z":
+        return ref.z, qry.z
+    if space == "tokens":
+        return ref.tokens, qry.tokens
+    parts_r, parts_q = [], []
+    for r, q in ((ref.z, qry.z), (ref.tokens, qry.tokens)):
+        scale = float(np.sqrt((r.astype(np.float64) ** 2).sum(1).mean())) or 1.0
+        parts_r.append(r / scale)
+        parts_q.append(q / scale)
+    return (np.concatenate(parts_r, axis=1).astype(np.float32), np.concatenate(parts_q, axis=1).astype(np.float32))
 
 
 def hash_candidates(ref_keys: np.ndarray, query_keys: np.ndarray, window: int) -> np.ndarray:
@@ -102,15 +134,18 @@ def hash_candidates(ref_keys: np.ndarray, query_keys: np.ndarray, window: int) -
 
 
 def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candidates: np.ndarray, n_neighbors: int,
-         n_labels: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distance-weighted vote of the ``n_neighbors`` nearest candidates in z.
+         n_labels: int, block: int = 512, class_balance: float = 0.0,
+         power: float = WEIGHT_POWER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distance-weighted vote of the ``n_neighbors`` nearest candidates in the vote space.
 
     ``ref_labels`` are integer codes in [0, n_labels) (-1: unlabeled, never a candidate).
-    Weights are 1 / distance, relative to the nearest candidate's distance so that exact
-    duplicates do not take all the weight. Returns (label code (query,), confidence = winning
-    weight share (query,), mean distance to the chosen neighbours (query,)); a query cell without
-    any candidate gets label -1 and confidence 0. Memory O(block x candidates x latent): ~60 MB at
-    the defaults (1024 x 144 x 52 float64), whatever the number of cells.
+    Weights are 1 / distance ** ``power``, the distance offset by a tenth of the nearest
+    candidate's so that exact duplicates do not take all the weight. Each label's tally is then
+    divided by (its share of the labelled reference cells) ** ``class_balance``: 0 is the plain
+    vote, 1 the vote under equal label priors. Returns (label code (query,), confidence = winning
+    share of the balanced tally (query,), mean distance to the chosen neighbours (query,)); a query
+    cell without any candidate gets label -1 and confidence 0. Memory O(block x candidates x width):
+    ~60 MB at the defaults (512 x 144 x 104 float64), whatever the number of cells.
     """
     n = len(z_query)
     best = np.full(n, -1, dtype=np.int64)
@@ -118,6 +153,9 @@ def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candida
     mean_d = np.full(n, np.inf)
     cand = np.where((candidates >= 0) & (ref_labels[np.maximum(candidates, 0)] >= 0), candidates, -1)
     k = min(n_neighbors, cand.shape[1])
+    freq = np.bincount(ref_labels[ref_labels >= 0], minlength=n_labels).astype(np.float64)
+    freq /= max(freq.sum(), 1.0)
+    prior = np.where(freq > 0, freq, 1.0) ** float(class_balance)  # labels with no reference cell never win anyway
     for s in range(0, n, block):
         c = cand[s:s + block]
         d = np.sqrt(((z_ref[np.maximum(c, 0)] - z_query[s:s + block, None, :]) ** 2).sum(-1))
@@ -127,9 +165,13 @@ def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candida
         lab = ref_labels[np.take_along_axis(c, near, axis=1)]
         ok = np.isfinite(dn)
         d0 = np.where(ok, dn, np.inf).min(1, keepdims=True)
-        w = np.where(ok, 1.0 / (dn + 0.1 * np.where(np.isfinite(d0), d0, 1.0) + 1e-12), 0.0)
+        d0 = np.where(np.isfinite(d0), d0, 1.0).astype(np.float64)
+        base = np.where(ok, dn, 0.0).astype(np.float64) + 0.1 * d0 + 1e-12
+        # relative to the nearest neighbour's (>= 1): no overflow at high powers, the vote shares are unchanged
+        w = np.where(ok, (base / (1.1 * d0 + 1e-12)) ** -float(power), 0.0)
         tally = np.zeros((len(c), n_labels))
         np.add.at(tally, (np.repeat(np.arange(len(c)), k), np.where(ok, lab, 0).ravel()), w.ravel())
+        tally /= prior
         total = tally.sum(1)
         has = total > 0
         best[s:s + block] = np.where(has, tally.argmax(1), -1)
@@ -139,7 +181,8 @@ def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candida
 
 
 def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, n_neighbors: int = 15,
-                    window: int = 24, min_confidence: float = 0.5, layer: str | None = None,
+                    window: int = 24, min_confidence: float = 0.5, space: str = DEFAULT_SPACE,
+                    class_balance: float = DEFAULT_CLASS_BALANCE, layer: str | None = None,
                     reference_layer: str | None = None) -> dict:
     """Label transfer from ``reference`` to ``query`` through ``model``'s hash index.
 
@@ -156,8 +199,12 @@ def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key:
     for name, value, low in (("n_neighbors", n_neighbors, 1), ("window", window, 1)):
         if not is_int(value) or value < low:
             raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not 0.0 <= float(min_confidence) <= 1.0:
-        raise ParameterError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+    for name, value in (("min_confidence", min_confidence), ("class_balance", class_balance)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not 0.0 <= float(value) <= 1.0:
+            raise ParameterError(f"{name} must be a number in [0, 1], got {value!r}")
+    if space not in SPACES:
+        raise ParameterError(f"space must be one of {SPACES}, got {space!r}")
     raw = reference.obs[labels_key]
     if raw.isna().all():
         raise InputError(f"labels_key {labels_key!r}: every reference label is missing")
@@ -170,7 +217,8 @@ def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key:
         raise InputError(f"reference.obs[{labels_key!r}] already uses the label {UNKNOWN!r}, which marks "
                          "low-confidence cells; rename it")
     cand = hash_candidates(ref.keys, qry.keys, window)
-    best, conf, _ = vote(qry.z, ref.z, ref_labels, cand, n_neighbors, len(names))
+    x_ref, x_qry = vote_space(ref, qry, space)
+    best, conf, _ = vote(x_qry, x_ref, ref_labels, cand, n_neighbors, len(names), class_balance=class_balance)
     predicted = np.where(best >= 0, names[np.maximum(best, 0)], UNKNOWN).astype(object)
     called = np.where(conf >= min_confidence, predicted, UNKNOWN).astype(object)
     n = query.n_obs
@@ -185,7 +233,8 @@ def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key:
 
 
 def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model, n_neighbors: int = 15,
-             window: int = 24, min_confidence: float = 0.5, key_added: str = "schashformer_annotation",
+             window: int = 24, min_confidence: float = 0.5, space: str = DEFAULT_SPACE,
+             class_balance: float = DEFAULT_CLASS_BALANCE, key_added: str = "schashformer_annotation",
              layer: str | None = None, reference_layer: str | None = None, overwrite: bool = False,
              copy: bool = False):
     """Transfer ``reference.obs[labels_key]`` to ``query`` by nearest neighbours in the scHashFormer embedding.
@@ -193,8 +242,9 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     Both data sets are embedded by the trained ``model`` (the query on the model's genes: missing
     genes are filled with zeros and extra genes ignored, each with a warning). Candidate neighbours
     of a query cell are the ``window`` reference cells on either side of it in every hash head's
-    sorted order (the hash index; no all-pairs search); the ``n_neighbors`` nearest in z vote,
-    weighted by inverse distance.
+    sorted order (the hash index; no all-pairs search); the ``n_neighbors`` nearest in the vote
+    space (``space``) vote, weighted by inverse distance to the fourth power, and each label's tally
+    is divided by its reference frequency to the power ``class_balance``.
 
     Parameters
     ----------
@@ -206,6 +256,15 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     n_neighbors : neighbours that vote.
     window : candidates per side and hash head (up to ``2 * window * hash_heads`` per query cell).
     min_confidence : cells whose winning vote share is below this are labelled ``"unknown"``.
+    space : where neighbours are measured: ``"combined"`` (default) z next to the stage-2 tokens
+        (stage-1 hidden layer + principal components), each part scaled to unit RMS norm over the
+        reference; ``"z"`` the clustering embedding alone; ``"tokens"`` the tokens alone. z is
+        trained to cluster the reference and merges small reference types into large ones, which
+        costs accuracy when such a type is common in the query (e.g. another donor).
+    class_balance : in [0, 1]; each label's weighted tally is divided by its share of the
+        reference cells to this power. 0 votes as the reference is composed (a type with few
+        reference cells is out-voted near a large one), 1 as if all labels were equally frequent;
+        the default 0.5 is in between.
     key_added : keys written (below).
     layer, reference_layer : layers holding the counts instead of ``.X``.
     overwrite : replace results already stored under ``key_added``.
@@ -236,12 +295,14 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     if taken and not overwrite:
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
     res = transfer_labels(model, query, reference, labels_key, n_neighbors=n_neighbors, window=window,
-                          min_confidence=min_confidence, layer=layer, reference_layer=reference_layer)
+                          min_confidence=min_confidence, space=space, class_balance=class_balance, layer=layer,
+                          reference_layer=reference_layer)
     query.obs[key_added] = pd.Categorical(res["labels"], categories=res["categories"] + [UNKNOWN])
     query.obs[f"{key_added}_confidence"] = res["confidence"].astype(np.float32)
     query.obsm[f"X_{key_added}"] = res["embedding"]
     query.uns[key_added] = {"labels_key": labels_key, "n_neighbors": int(n_neighbors), "window": int(window),
-                            "min_confidence": float(min_confidence), "n_reference_cells": int(reference.n_obs),
+                            "min_confidence": float(min_confidence), "space": space,
+                            "class_balance": float(class_balance), "n_reference_cells": int(reference.n_obs),
                             "mean_candidates": res["n_candidates"],
                             "unknown_fraction": float((res["labels"] == UNKNOWN).mean())}
     return query if copy else None

@@ -41,6 +41,14 @@ def add_parsers(sub) -> None:
                      help="candidates per side in each hash head's sorted order (default 24)")
     ann.add_argument("--min-confidence", type=float, default=0.5,
                      help="below this vote share a cell is called 'unknown' (default 0.5)")
+    # --space / --class-balance: None means tl.annotate's defaults (annotate.DEFAULT_SPACE / DEFAULT_CLASS_BALANCE),
+    # so that the command line and the API cannot drift apart (and the parser does not import torch)
+    ann.add_argument("--space", default=None, choices=("combined", "z", "tokens"),
+                     help="where neighbours are measured: z next to the stage-2 tokens (combined), z alone or the "
+                          "tokens alone (default combined)")
+    ann.add_argument("--class-balance", type=float, default=None,
+                     help="divide each label's tally by its reference frequency to this power, in [0, 1] "
+                          "(0: plain vote, 1: equal label priors; default 0.5)")
     ann.add_argument("--query-labels-key", default=None,
                      help="query obs column of known labels: report accuracy / macro F1 and a confusion plot")
     ann.add_argument("--format", default=None, help="query file format (default: guess)")
@@ -137,7 +145,8 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
                          f"(columns: {list(query.obs.columns)})")
     key = "schashformer_annotation"
     annotate(query, reference, args.labels_key, model=model, n_neighbors=args.n_neighbors, window=args.window,
-             min_confidence=args.min_confidence, key_added=key, overwrite=True)
+             min_confidence=args.min_confidence, key_added=key, overwrite=True,
+             **{k: v for k, v in (("space", args.space), ("class_balance", args.class_balance)) if v is not None})
     report = {"query": str(args.query), "reference": str(args.reference), "n_cells": int(query.n_obs),
               **{k: v for k, v in query.uns[key].items()}}
     if args.query_labels_key is not None:
