@@ -28,16 +28,35 @@ def data_checksum(x: sp.csr_matrix) -> str:
 
     The matrix is taken in canonical form (sorted indices, no duplicates, no stored zeros),
     so the same counts read twice, or stored dense and sparse, give the same checksum.
+    Each array is digested on its own and the digests are combined (:func:`combine_checksum`),
+    so a streaming reader can digest the row chunks in the pass that reads them anyway.
     """
     x = sp.csr_matrix(x, dtype=np.float32)
     if not x.has_canonical_format or (x.data == 0).any():
         x = x.copy()
         x.sum_duplicates()
         x.eliminate_zeros()
-    digest = hashlib.sha256(np.asarray(x.shape, dtype=np.int64).tobytes())
-    for values, dtype in ((x.indptr, np.int64), (x.indices, np.int64), (x.data, np.float32)):
-        for start in range(0, len(values), _CHUNK):
-            digest.update(np.ascontiguousarray(values[start:start + _CHUNK], dtype=dtype).tobytes())
+    return combine_checksum(x.shape, *(array_digest(values, dtype) for values, dtype in checksum_parts(x)))
+
+
+def checksum_parts(x: sp.csr_matrix):
+    """(array, dtype) of a canonical CSR matrix in checksum order: indptr, indices, data."""
+    return ((x.indptr, np.int64), (x.indices, np.int32), (x.data, np.float32))
+
+
+def array_digest(values: np.ndarray, dtype, digest=None):
+    """``digest`` (a new SHA-256 if None) updated with ``values`` as ``dtype`` bytes, in bounded pieces."""
+    digest = hashlib.sha256() if digest is None else digest
+    for start in range(0, len(values), _CHUNK):
+        digest.update(np.ascontiguousarray(values[start:start + _CHUNK], dtype=dtype).tobytes())
+    return digest
+
+
+def combine_checksum(shape, indptr, indices, data) -> str:
+    """The checksum from the shape and the SHA-256 digests of indptr, indices and data."""
+    digest = hashlib.sha256(np.asarray(shape, dtype=np.int64).tobytes())
+    for part in (indptr, indices, data):
+        digest.update(part.digest())
     return "sha256:" + digest.hexdigest()
 
 

@@ -42,7 +42,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from . import buckets, resources
+from . import buckets, record, resources
 from .errors import InputError, ParameterError
 from .preprocess import CLIP, TARGET_SUM, GeneStats, validate_counts
 
@@ -162,6 +162,7 @@ class StreamStats:
     sample_rows: np.ndarray | None = None  # (m,) sorted rows of the training subsample
     sample: list = field(default_factory=list)  # CSR chunks of the subsample's rows (all genes)
     canonical_nnz: np.ndarray | None = None  # (cells,) non-zeros per row after canonicalisation (checksum)
+    digests: tuple | None = None  # running SHA-256 of the canonical indices and data (checksum)
 
 
 def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool = False,
@@ -170,7 +171,8 @@ def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool 
     g = source.n_vars
     st = StreamStats(detected=np.zeros(g, np.int64), sum_logn=np.zeros(g), sumsq_logn=np.zeros(g),
                      sum_norm=np.zeros(g), sumsq_norm=np.zeros(g), cell_mask=np.zeros(source.n_obs, bool),
-                     sample_rows=np.asarray(sample_rows, np.int64), canonical_nnz=np.zeros(source.n_obs, np.int64))
+                     sample_rows=np.asarray(sample_rows, np.int64), canonical_nnz=np.zeros(source.n_obs, np.int64),
+                     digests=(hashlib.sha256(), hashlib.sha256()))
     if source.n_obs == 0 or g == 0:
         raise InputError(f"{source.where} is empty: {source.n_obs} cells x {g} genes")
     for start, x in source.chunks(chunk_rows, "reading: statistics", progress):
@@ -179,6 +181,8 @@ def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool 
         x.sum_duplicates()
         x.eliminate_zeros()
         st.canonical_nnz[start:stop] = np.diff(x.indptr)
+        for (values, dtype), digest in zip(record.checksum_parts(x)[1:], st.digests):
+            record.array_digest(values, dtype, digest)
         total = np.asarray(x.sum(1), dtype=np.float64).ravel()
         if not np.isfinite(total).all():
             raise InputError(f"{source.where}: the counts of some cells sum beyond the float range; expected raw counts")
@@ -458,23 +462,22 @@ def _nnz_per_row(source: CountSource) -> float:
 def data_checksum(source: CountSource, st: StreamStats | None = None, chunk_rows: int = CHUNK_ROWS) -> str:
     """:func:`schashformer.record.data_checksum` of the whole matrix, computed chunk by chunk.
 
-    Same bytes in the same order (shape, indptr, indices, data of the canonical CSR), so a file and the
-    same counts in memory give the same checksum. Reuses the per-row counts of :func:`scan` if given.
+    Same bytes in the same order (canonical CSR), so a file and the same counts in memory give the
+    same checksum. With the :class:`StreamStats` of :func:`scan` no further pass over the data is needed.
     """
-    if st is None or st.canonical_nnz is None:
-        nnz = np.concatenate([np.diff(_canonical(x).indptr) for _, x in source.chunks(chunk_rows)]) \
-            if source.n_obs else np.zeros(0, np.int64)
+    if st is not None and st.digests is not None:
+        nnz, (indices, data) = st.canonical_nnz, st.digests
     else:
-        nnz = st.canonical_nnz
-    digest = hashlib.sha256(np.asarray((source.n_obs, source.n_vars), dtype=np.int64).tobytes())
+        indices, data, parts = hashlib.sha256(), hashlib.sha256(), []
+        for _, x in source.chunks(chunk_rows):
+            x = _canonical(x)
+            parts.append(np.diff(x.indptr))
+            for (values, dtype), digest in zip(record.checksum_parts(x)[1:], (indices, data)):
+                record.array_digest(values, dtype, digest)
+        nnz = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     indptr = np.zeros(source.n_obs + 1, np.int64)
     np.cumsum(nnz, out=indptr[1:])
-    digest.update(indptr.tobytes())
-    del indptr
-    for part, dtype in (("indices", np.int64), ("data", np.float32)):
-        for _, x in source.chunks(chunk_rows):
-            digest.update(np.ascontiguousarray(getattr(_canonical(x), part), dtype=dtype).tobytes())
-    return "sha256:" + digest.hexdigest()
+    return record.combine_checksum((source.n_obs, source.n_vars), record.array_digest(indptr, np.int64), indices, data)
 
 
 def _canonical(x: sp.csr_matrix) -> sp.csr_matrix:
