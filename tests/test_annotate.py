@@ -124,6 +124,23 @@ def test_vote_distance_weighted_by_hand():
     assert best[1] == -1 and conf[1] == 0  # no labeled candidate
 
 
+def test_vote_space_combines_z_tokens_and_reference_pcs(fitted):
+    from schashformer.annotate import VOTE_PCS, map_cells, vote_space
+
+    ref, qry, model = fitted
+    with pytest.warns(UserWarning):
+        r, q = map_cells(model, ref, where="reference"), map_cells(model, qry)
+    n_pcs = min(VOTE_PCS, r.prep.n_genes)
+    xr, xq = vote_space(r, q, "combined")
+    widths = [r.z.shape[1], r.tokens.shape[1], n_pcs]
+    assert xr.shape == (r.prep.n_cells, sum(widths)) and xq.shape == (q.prep.n_cells, sum(widths))
+    for block in np.split(xr, np.cumsum(widths)[:-1], axis=1):  # each part has unit RMS norm over the reference
+        np.testing.assert_allclose(np.sqrt((block.astype(np.float64) ** 2).sum(1).mean()), 1.0, rtol=1e-4)
+    pr, _ = vote_space(r, q, "pcs")
+    np.testing.assert_allclose(xr[:, -n_pcs:] * np.sqrt((pr.astype(np.float64) ** 2).sum(1).mean()), pr, atol=1e-3)
+    assert vote_space(r, q, "z")[0] is r.z and vote_space(r, q, "tokens")[1] is q.tokens
+
+
 def test_vote_class_balance_and_weight_power_by_hand():
     # one reference cell of label 1 at distance 1, nine of label 0 at distance 2 from the query
     z_ref = np.array([[1.0]] + [[-2.0]] * 9)

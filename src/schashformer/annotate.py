@@ -6,9 +6,9 @@ Candidate neighbours of a query cell are the reference cells next to it in each 
 hash order (the same sort-and-chunk order that stage 2 attends over, :mod:`schashformer.buckets`):
 a query cell's key is located in the reference's sorted keys by binary search and the ``window``
 reference cells on either side are taken, per head. The ``n_neighbors`` nearest candidates vote,
-weighted by inverse distance to the fourth power, in the vote space (``space``): by default z next
-to the stage-2 tokens (stage-1 hidden layer + principal components), each part scaled to unit
-root-mean-square norm over the reference. Each label's tally is divided by its reference frequency
+weighted by inverse distance to the fourth power, in the vote space (``space``): by default z, the
+stage-2 tokens (stage-1 hidden layer + principal components) and the reference's top 50 principal
+components, each part scaled to unit root-mean-square norm over the reference. Each label's tally is divided by its reference frequency
 to the power ``class_balance`` (0.5 by default), so that a type that is rare in the reference but
 common in the query is not out-voted by the reference's majority types. Cost O(query x heads x
 window) plus O(cells log cells) for the sort: no all-pairs distances and no global kNN index.
@@ -16,7 +16,8 @@ window) plus O(cells log cells) for the sort: no all-pairs distances and no glob
 Why not z alone: z is trained with a clustering objective on the reference, which pulls small
 reference types into the large clusters next to them. Transferring across donors (mouse pancreas,
 mouse1 -> mouse2: 9 reference alpha cells, 182 query alpha cells) the vote in z called every query
-alpha cell delta; the tokens keep the small types apart (benchmarks/results/annotation.md).
+alpha cell delta; the tokens keep the small types apart. On worm neurons kNN on 50 principal
+components beats both z and the tokens, hence the third part (benchmarks/results/annotation.md).
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import pandas as pd
 
 from .data import CellData
 from .errors import InputError, ParameterError
-from .preprocess import Prepared, prepare
+from .preprocess import Prepared, prepare, principal_axes
 from .train import Stage2, hash_cells, token_features
 from .validate import check_adata, is_int
 
 UNKNOWN = "unknown"
-SPACES = ("combined", "z", "tokens")  # vote spaces: z next to the tokens, z alone, the stage-2 tokens alone
+SPACES = ("combined", "z", "tokens", "pcs")  # vote spaces: all three of z, the tokens and VOTE_PCS PCs, or one alone
 DEFAULT_SPACE = "combined"
 DEFAULT_CLASS_BALANCE = 0.5  # label tallies / (reference label frequency) ** this
+VOTE_PCS = 50  # principal components of the reference (the model's standardised genes) in the vote space
 WEIGHT_POWER = 4.0  # a neighbour's vote weight: 1 / distance ** this (relative to the nearest candidate)
 
 
@@ -87,18 +89,36 @@ def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str 
     return Mapped(prep, codes, keys, stage2.embed_all(), tokens)
 
 
+def reference_pcs(ref: Prepared, qry: Prepared, n_comps: int = VOTE_PCS,
+                  batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Both data sets projected on the top ``n_comps`` principal axes of the reference's standardised
+    expression (the model's genes, mean and std; :func:`schashformer.preprocess.principal_axes`:
+    a genes x genes Gram matrix, linear in cells). Row batches: never a dense cells x genes copy."""
+    axes = principal_axes(ref, n_comps)
+
+    def project(prep: Prepared) -> np.ndarray:
+        return np.concatenate([prep.standardised(np.arange(s, min(s + batch, prep.n_cells))) @ axes
+                               for s in range(0, prep.n_cells, batch)]).astype(np.float32)
+
+    return project(ref), project(qry)
+
+
 def vote_space(ref: Mapped, qry: Mapped, space: str) -> tuple[np.ndarray, np.ndarray]:
     """(reference, query) coordinates the vote measures distances in (see :data:`SPACES`).
 
-    ``"combined"`` puts z next to the tokens, each divided by its root-mean-square norm over the
-    reference cells so that both parts weigh the same whatever their widths and scales.
+    ``"combined"`` puts z, the stage-2 tokens and the reference's top :data:`VOTE_PCS` principal
+    components side by side, each divided by its root-mean-square norm over the reference cells so
+    that the three parts weigh the same whatever their widths and scales.
     """
     if space == "z":
         return ref.z, qry.z
     if space == "tokens":
         return ref.tokens, qry.tokens
+    pcs = reference_pcs(ref.prep, qry.prep)
+    if space == "pcs":
+        return pcs
     parts_r, parts_q = [], []
-    for r, q in ((ref.z, qry.z), (ref.tokens, qry.tokens)):
+    for r, q in ((ref.z, qry.z), (ref.tokens, qry.tokens), pcs):
         scale = float(np.sqrt((r.astype(np.float64) ** 2).sum(1).mean())) or 1.0
         parts_r.append(r / scale)
         parts_q.append(q / scale)
@@ -145,7 +165,7 @@ def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candida
     vote, 1 the vote under equal label priors. Returns (label code (query,), confidence = winning
     share of the balanced tally (query,), mean distance to the chosen neighbours (query,)); a query
     cell without any candidate gets label -1 and confidence 0. Memory O(block x candidates x width):
-    ~60 MB at the defaults (512 x 144 x 104 float64), whatever the number of cells.
+    ~40 MB at the defaults (512 x 144 x 134 float32), whatever the number of cells.
     """
     n = len(z_query)
     best = np.full(n, -1, dtype=np.int64)
@@ -256,11 +276,14 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     n_neighbors : neighbours that vote.
     window : candidates per side and hash head (up to ``2 * window * hash_heads`` per query cell).
     min_confidence : cells whose winning vote share is below this are labelled ``"unknown"``.
-    space : where neighbours are measured: ``"combined"`` (default) z next to the stage-2 tokens
-        (stage-1 hidden layer + principal components), each part scaled to unit RMS norm over the
-        reference; ``"z"`` the clustering embedding alone; ``"tokens"`` the tokens alone. z is
-        trained to cluster the reference and merges small reference types into large ones, which
-        costs accuracy when such a type is common in the query (e.g. another donor).
+    space : where neighbours are measured: ``"combined"`` (default) z, the stage-2 tokens (stage-1
+        hidden layer + the model's principal components) and the reference's top 50 principal
+        components of the model's standardised genes side by side, each part scaled to unit RMS
+        norm over the reference; ``"z"``, ``"tokens"`` or ``"pcs"`` one of them alone. z is trained
+        to cluster the reference and merges small reference types into large ones, which costs
+        accuracy when such a type is common in the query (e.g. another donor); the principal
+        components keep the fine structure that the model's short tokens lose on some data (worm
+        neurons).
     class_balance : in [0, 1]; each label's weighted tally is divided by its share of the
         reference cells to this power. 0 votes as the reference is composed (a type with few
         reference cells is out-voted near a large one), 1 as if all labels were equally frequent;

@@ -43,9 +43,9 @@ def add_parsers(sub) -> None:
                      help="below this vote share a cell is called 'unknown' (default 0.5)")
     # --space / --class-balance: None means tl.annotate's defaults (annotate.DEFAULT_SPACE / DEFAULT_CLASS_BALANCE),
     # so that the command line and the API cannot drift apart (and the parser does not import torch)
-    ann.add_argument("--space", default=None, choices=("combined", "z", "tokens"),
-                     help="where neighbours are measured: z next to the stage-2 tokens (combined), z alone or the "
-                          "tokens alone (default combined)")
+    ann.add_argument("--space", default=None, choices=("combined", "z", "tokens", "pcs"),
+                     help="where neighbours are measured: z, the stage-2 tokens and 50 reference principal "
+                          "components side by side (combined), or one of them alone (default combined)")
     ann.add_argument("--class-balance", type=float, default=None,
                      help="divide each label's tally by its reference frequency to this power, in [0, 1] "
                           "(0: plain vote, 1: equal label priors; default 0.5)")
