@@ -1,13 +1,16 @@
 """Label transfer (issue 5, item 1): scHashFormer ``tl.annotate`` vs scanpy ``ingest`` vs kNN on PCA.
 
 For every labeled data set, stratified 70/30 reference/query splits (one per seed) and, for
-mouse pancreas (baron), the donor split mouse1 -> mouse2 (a real cross-batch transfer). Each
-method sees the reference's labels only:
+mouse pancreas (baron), the donor split mouse1 -> mouse2 (a real cross-batch transfer; the same
+cells for every seed, scHashFormer fitted with that seed). Each method sees the reference's labels
+only:
 
 * scHashFormer: ``tl.cluster`` on the reference (defaults, K = number of reference labels), then
-  ``tl.annotate(query, reference, model=...)`` (hash-index neighbours, distance-weighted vote).
-  Scored with every cell called (``min_confidence=0``) and, at the default threshold, on the
-  confidently called cells (with the fraction called "unknown").
+  ``tl.annotate(query, reference, model=...)`` (hash-index neighbours, distance-weighted,
+  class-balanced vote in z + tokens + 50 reference PCs: the defaults). Scored with every cell called
+  (``min_confidence=0``) and, at the default threshold, on the confidently called cells (with the
+  fraction called "unknown"). Two ablations on the same model: the vote in z alone
+  (``space="z"``) and without class balance (``class_balance=0``).
 * scanpy ingest: reference normalize_total/log1p/HVG(2000)/PCA(50)/neighbors(15) as in scanpy's
   ingest tutorial, query projected onto its PCA, labels by ``sc.tl.ingest(obs=...)`` (majority of
   the 15 reference neighbours; the UMAP mapping, which does not change the labels, is skipped).
@@ -35,6 +38,7 @@ DATASETS = {"10X_PBMC_top2000": ("10X_PBMC_top2000.h5", "label"),
             "mouse_bladder_cell_top2000": ("mouse_bladder_cell_top2000.h5", "label"),
             "worm_neuron_cell_top2000": ("worm_neuron_cell_top2000.h5", "label"),
             "baron_mouse": ("baron_mouse_1886x14878.h5ad", "cell_type")}
+ABLATIONS = {"ablation: vote in z only": {"space": "z"}, "ablation: no class balance": {"class_balance": 0.0}}
 MACHINE = "2-core x86_64 CPU, 24 GiB, no GPU, shared with other jobs during the run"
 
 
@@ -48,7 +52,9 @@ def splits(adata, labels_key: str, name: str, seeds: list[int]):
         yield f"random 70/30 (seed {seed})", seed, np.sort(ref), np.sort(qry)
     if name == "baron_mouse":
         donor = adata.obs["donor"].astype(str).to_numpy()
-        yield "donor mouse1 -> mouse2", 0, np.flatnonzero(donor == "mouse1"), np.flatnonzero(donor == "mouse2")
+        for seed in seeds:
+            yield (f"donor mouse1 -> mouse2 (seed {seed})", seed, np.flatnonzero(donor == "mouse1"),
+                   np.flatnonzero(donor == "mouse2"))
 
 
 def scores(y_true, y_pred) -> dict:
@@ -76,7 +82,13 @@ def run_schashformer(ref, qry, labels_key: str, seed: int) -> tuple[dict, dict]:
     called = qry.obs["conf"].astype(str).to_numpy() != "unknown"
     out.update(accuracy_called=float((y[called] == qry.obs["conf"].astype(str).to_numpy()[called]).mean()),
                unknown_fraction=float(1 - called.mean()), seconds=fit_s + ann_s, seconds_annotate=ann_s)
-    extra = {"model": model}
+    ablations = {}
+    for method, kwargs in ABLATIONS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = tl.annotate(qry, ref, labels_key=labels_key, model=model, min_confidence=0.0, copy=True, **kwargs)
+        ablations[method] = scores(y, res.obs["schashformer_annotation"])
+    extra = {"model": model, "ablations": ablations}
     return out, extra
 
 
@@ -169,13 +181,15 @@ def main() -> None:
             ref, qry = adata[ri].copy(), adata[qi].copy()
             base = {"dataset": name, "split": split, "n_reference": len(ri), "n_query": len(qi)}
             ours, extra = run_schashformer(ref, qry.copy(), labels_key, seed)
+            first = len(rows)
             rows.append({**base, "method": "scHashFormer annotate", **ours})
             rows.append({**base, "method": "scanpy ingest", **run_ingest(ref, qry, labels_key, seed)})
             rows.append({**base, "method": "kNN on PCA(50)", **run_knn_pca(ref, qry, labels_key, seed)})
+            rows += [{**base, "method": method, **res} for method, res in extra["ablations"].items()]
             if args.diagnose:
                 rows.append({**base, "method": "diagnostic: exact kNN in z", **run_exact_z(ref, qry, labels_key,
                                                                                            extra["model"])})
-            for r in rows[-(4 if args.diagnose else 3):]:
+            for r in rows[first:]:
                 print(f"{name} | {split} | {r['method']}: acc {r['accuracy']:.3f} F1 {r['f1_macro']:.3f}", flush=True)
             pd.DataFrame(rows).to_csv(out / "annotation.csv", index=False)  # partial results survive a kill
     df = pd.DataFrame(rows)
@@ -188,7 +202,8 @@ def _duration(seconds: float) -> str:
 
 
 def write_markdown(df: pd.DataFrame, path: Path, seconds: float, args) -> None:
-    df = df.assign(kind=np.where(df["split"].str.startswith("random"), "random 70/30", df["split"]))
+    kind = df["split"].str.replace(r" \(seed \d+\)$", "", regex=True)  # one row per kind of split, over seeds
+    df = df.assign(kind=kind)
     g = df.groupby(["dataset", "kind", "method"], sort=False)
     summary = g.agg(n=("accuracy", "size"), acc=("accuracy", "mean"), acc_sd=("accuracy", "std"),
                     f1=("f1_macro", "mean"), f1_sd=("f1_macro", "std"), seconds=("seconds", "mean")).reset_index()
@@ -196,13 +211,13 @@ def write_markdown(df: pd.DataFrame, path: Path, seconds: float, args) -> None:
     lines = ["# Label transfer: scHashFormer annotate vs scanpy ingest vs kNN on PCA", "",
              f"Machine: {MACHINE}. Whole run: {_duration(seconds)}. Command: `python benchmarks/annotation.py "
              f"--seeds {' '.join(map(str, args.seeds))}`. Accuracy and macro F1 (over the query's true types) with "
-             "every query cell called; mean ± sd over the random splits (one split per seed; sd is blank for the "
-             "single donor split).", "",
+             "every query cell called; mean ± sd over the seeds (random splits: one split per seed; donor split: the "
+             "same cells, scHashFormer fitted and the PCA of ingest and kNN computed with each seed).", "",
              "| data set | split | method | splits | accuracy | macro F1 | s/split |", "|---|---|---|---|---|---|---|"]
     fmt = lambda m, s: f"{m:.3f}" + ("" if np.isnan(s) else f" ± {s:.3f}")  # noqa: E731
     for r in summary.itertuples():
         lines.append(f"| {r.dataset} | {r.kind} | {r.method} | {r.n} | {fmt(r.acc, r.acc_sd)} | {fmt(r.f1, r.f1_sd)} "
-                     f"| {r.seconds:.0f} |")
+                     f"| {'(same fit)' if np.isnan(r.seconds) else f'{r.seconds:.0f}'} |")
     if has_conf:
         ours = df[df["method"] == "scHashFormer annotate"].groupby(["dataset", "kind"], sort=False).agg(
             acc_called=("accuracy_called", "mean"), unknown=("unknown_fraction", "mean")).reset_index()

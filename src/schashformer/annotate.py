@@ -8,10 +8,11 @@ a query cell's key is located in the reference's sorted keys by binary search an
 reference cells on either side are taken, per head. The ``n_neighbors`` nearest candidates vote,
 weighted by inverse distance to the fourth power, in the vote space (``space``): by default z, the
 stage-2 tokens (stage-1 hidden layer + principal components) and the reference's top 50 principal
-components, each part scaled to unit root-mean-square norm over the reference. Each label's tally is divided by its reference frequency
-to the power ``class_balance`` (0.5 by default), so that a type that is rare in the reference but
-common in the query is not out-voted by the reference's majority types. Cost O(query x heads x
-window) plus O(cells log cells) for the sort: no all-pairs distances and no global kNN index.
+components, each part scaled to unit root-mean-square norm over the reference. Each label's
+tally is divided by its reference frequency to the power ``class_balance`` (0.5 by default), so
+that a type that is rare in the reference but common in the query is not out-voted by the
+reference's majority types. Cost O(query x heads x window) plus O(cells log cells) for the sort
+and O(reference nnz x genes) for the principal axes: no all-pairs distances, no global kNN index.
 
 Why not z alone: z is trained with a clustering objective on the reference, which pulls small
 reference types into the large clusters next to them. Transferring across donors (mouse pancreas,
