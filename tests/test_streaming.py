@@ -87,9 +87,13 @@ def test_fit_out_of_core_labels_every_cell(big_sim, tmp_path):
     path = tmp_path / "cells.h5ad"
     big_sim.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
-    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, train_cells=300, **FAST)
+    cap = FAST.get("stage1_steps", 400) // 2  # stage 1 on the subsample stops at stage1_steps_subsample
+    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, train_cells=300,
+                         **{**FAST, "stage1_steps_subsample": cap})
     model.fit(backed, labels_key="label")  # backed AnnData: routed to the out-of-core path
     assert model.out_of_core_ and len(model.train_rows_) == 300
+    assert max(r["step"] for r in model.history_ if r["stage"] == 1) == cap - 1
+    assert model.config.stage1_steps == FAST.get("stage1_steps", 400)  # the stored configuration is the user's
     assert model.labels_.shape == (600,) and model.labels_[7] == -1 and (np.delete(model.labels_, 7) >= 0).all()
     assert model.embedding_.shape[0] == 600 and model.codes_.shape == (600, model.config.hash_heads)
     assert {"read_statistics", "train_stage1_hashing", "hash_all", "encode_all", "assign_all"} <= set(model.timings_)

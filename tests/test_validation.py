@@ -297,6 +297,8 @@ CASES = {
             r"unknown parameter\(s\) \['stage1_stepz'\]"),
     "V39": (lambda t, m, f: lambda: SCHashFormer(3, stage1_steps="abc"), ParameterError,
             r"parameter stage1_steps must be int, got 'abc'"),
+    "V68": (lambda t, m, f: lambda: SCHashFormer(3, stage1_steps_subsample=-1), ParameterError,
+            r"stage1_steps_subsample must be None or an integer >= 0, got -1"),
     "V40": (lambda t, m, f: lambda: SCHashFormer(3, seed=-1), ParameterError, r"seed must be an integer >= 0, got -1"),
     "V41": (lambda t, m, f: lambda: SCHashFormer(3, device="gpu0", progress=False, **TINY).fit(small()), ParameterError,
             r"device='gpu0' is not a device name"),

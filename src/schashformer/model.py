@@ -129,7 +129,8 @@ class SCHashFormer:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
         if resume and self.checkpoint_dir is None:
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
-        cfg, device = self.config, resolve(self.device)
+        # stats given = training on the subsample of a larger input (streaming.fit_out_of_core)
+        cfg, device = (self.config if stats is None else self.config.for_subsample()), resolve(self.device)
         counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
         resources.check_fits(resources.fit_bytes(counts, self.n_clusters or n_clusters_mod.MEMORY_K, cfg),
                              f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
