@@ -62,10 +62,11 @@ def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniques[order], rank[codes]
 
 
-def _matching(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Labels, contingency table (labels x clusters) and the Hungarian cluster -> label map."""
-    labels, clusters, table, rows, cols, _, _ = _contingency(t, p)
-    return labels, table, {clusters[c]: labels[r] for r, c in zip(rows, cols)}
+def _matching(t: np.ndarray, p: np.ndarray):
+    """Labels, clusters, contingency table (labels x clusters), cluster codes (cells,) and the
+    Hungarian cluster -> label map."""
+    labels, clusters, table, rows, cols, _, pi = _contingency(t, p)
+    return labels, clusters, table, pi, {clusters[c]: labels[r] for r, c in zip(rows, cols)}
 
 
 def _contingency(t: np.ndarray, p: np.ndarray):
@@ -78,16 +79,16 @@ def _contingency(t: np.ndarray, p: np.ndarray):
     return labels, clusters, table, rows, cols, ti, pi
 
 
-def _mapped(p: np.ndarray, mapping: dict) -> np.ndarray:
-    clusters, inverse = _unique(p)
-    return _objects([mapping.get(c, _UNMATCHED) for c in clusters])[inverse]
+def _mapped(clusters: np.ndarray, codes: np.ndarray, mapping: dict) -> np.ndarray:
+    """Each cell's label under ``mapping``, from its cluster code (an index into ``clusters``)."""
+    return _objects([mapping.get(c, _UNMATCHED) for c in clusters])[codes]
 
 
 def cluster_accuracy(y_true, y_pred) -> float:
     """Fraction of cells whose cluster maps to their label under the best one-to-one matching."""
     t, p, _ = _prepare(y_true, y_pred)
-    _, _, mapping = _matching(t, p)
-    return float((_mapped(p, mapping) == t).mean())
+    _, clusters, _, codes, mapping = _matching(t, p)
+    return float((_mapped(clusters, codes, mapping) == t).mean())
 
 
 def clustering_scores(y_true, y_pred) -> dict:
@@ -120,15 +121,15 @@ def clustering_scores(y_true, y_pred) -> dict:
 MATCHINGS = ("hungarian", "majority")
 
 
-def _label_map(t: np.ndarray, p: np.ndarray, matching: str) -> tuple[np.ndarray, dict]:
-    """Labels and the cluster -> label map: one-to-one (Hungarian) or each cluster to its majority label."""
+def _label_map(t: np.ndarray, p: np.ndarray, matching: str):
+    """Labels, clusters, cluster codes (cells,) and the cluster -> label map: one-to-one (Hungarian)
+    or each cluster to its majority label."""
     if matching not in MATCHINGS:
         raise ParameterError(f"matching must be one of {MATCHINGS}, got {matching!r}")
-    labels, table, mapping = _matching(t, p)
+    labels, clusters, table, codes, mapping = _matching(t, p)
     if matching == "majority":
-        clusters = np.unique(p)
         mapping = {c: labels[table[:, j].argmax()] for j, c in enumerate(clusters)}
-    return labels, mapping
+    return labels, clusters, codes, mapping
 
 
 def per_label_scores(y_true, y_pred, matching: str = "hungarian") -> pd.DataFrame:
@@ -142,11 +143,11 @@ def per_label_scores(y_true, y_pred, matching: str = "hungarian") -> pd.DataFram
     label its cluster maps to; precision, recall and F1 follow.
     """
     t, p, _ = _prepare(y_true, y_pred)
-    labels, mapping = _label_map(t, p, matching)
+    labels, clusters, codes, mapping = _label_map(t, p, matching)
     inverse: dict[str, list[str]] = {}
     for c, lab in sorted(mapping.items()):
         inverse.setdefault(lab, []).append(c)
-    prec, rec, f1, n = skm.precision_recall_fscore_support(t, _mapped(p, mapping), labels=labels, zero_division=0)
+    prec, rec, f1, n = skm.precision_recall_fscore_support(t, _mapped(clusters, codes, mapping), labels=labels, zero_division=0)
     return pd.DataFrame(
         {"n_cells": n, "fraction": n / len(t), "matched_cluster": [",".join(inverse.get(lab, [])) for lab in labels],
          "precision": prec, "recall": rec, "f1": f1},
@@ -162,8 +163,7 @@ def per_cluster_scores(y_true, y_pred) -> pd.DataFrame:
     cluster), f1, and hungarian_label (the label the one-to-one matching gives it, "" if none).
     """
     t, p, _ = _prepare(y_true, y_pred)
-    labels, table, mapping = _matching(t, p)
-    clusters = np.unique(p)
+    labels, clusters, table, _, mapping = _matching(t, p)
     major = table.argmax(0)
     hits = table[major, np.arange(clusters.size)]
     size, label_size = table.sum(0), table.sum(1)[major]

@@ -116,8 +116,7 @@ def confusion(adata: ad.AnnData, labels_key: str, key: str = "schashformer", *, 
     _obs_key(adata, labels_key, "labels_key")
     _obs_key(adata, key, "key")
     t, p, _ = _prepare(adata.obs[labels_key].to_numpy(), adata.obs[key].to_numpy())
-    labels, table, mapping = _matching(t, p)
-    clusters = np.unique(p)
+    labels, clusters, table, _, mapping = _matching(t, p)
     rank = {lab: i for i, lab in enumerate(labels)}
     order = sorted(range(clusters.size), key=lambda j: (rank.get(mapping.get(clusters[j]), labels.size), j))
     table, clusters = table[:, order], clusters[order]

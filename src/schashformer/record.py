@@ -52,6 +52,16 @@ def array_digest(values: np.ndarray, dtype, digest=None):
     return digest
 
 
+def update_row_digests(x: sp.csr_matrix, digests) -> None:
+    """Update (indices digest, data digest) with a canonical CSR block of consecutive rows.
+
+    indptr is not digested here: it depends on the rows before the block, so a chunked reader
+    keeps the per-row non-zero counts and digests the assembled indptr once at the end.
+    """
+    for (values, dtype), digest in zip(checksum_parts(x)[1:], digests):
+        array_digest(values, dtype, digest)
+
+
 def combine_checksum(shape, indptr, indices, data) -> str:
     """The checksum from the shape and the SHA-256 digests of indptr, indices and data."""
     digest = hashlib.sha256(np.asarray(shape, dtype=np.int64).tobytes())

@@ -181,8 +181,7 @@ def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool 
         x.sum_duplicates()
         x.eliminate_zeros()
         st.canonical_nnz[start:stop] = np.diff(x.indptr)
-        for (values, dtype), digest in zip(record.checksum_parts(x)[1:], st.digests):
-            record.array_digest(values, dtype, digest)
+        record.update_row_digests(x, st.digests)
         total = np.asarray(x.sum(1), dtype=np.float64).ravel()
         if not np.isfinite(total).all():
             raise InputError(f"{source.where}: the counts of some cells sum beyond the float range; expected raw counts")
@@ -472,8 +471,7 @@ def data_checksum(source: CountSource, st: StreamStats | None = None, chunk_rows
         for _, x in source.chunks(chunk_rows):
             x = _canonical(x)
             parts.append(np.diff(x.indptr))
-            for (values, dtype), digest in zip(record.checksum_parts(x)[1:], (indices, data)):
-                record.array_digest(values, dtype, digest)
+            record.update_row_digests(x, (indices, data))
         nnz = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     indptr = np.zeros(source.n_obs + 1, np.int64)
     np.cumsum(nnz, out=indptr[1:])

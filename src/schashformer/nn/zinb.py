@@ -58,8 +58,9 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logit: t
     softplus_neg_pi = F.softplus(-pi_logit)  # = -log(pi), pi = sigmoid(pi_logit) the dropout probability
     # x == 0: log(pi + (1 - pi) NB(0)), written as logsumexp over the two branches.
     case_zero = F.softplus(-pi_logit + nb_zero) - softplus_neg_pi
-    # x > 0: log(1 - pi) + log NB(x), with log(1 - pi) = -softplus(pi_logit)
-    case_nonzero = -F.softplus(pi_logit) + nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu)
+    # x > 0: log(1 - pi) + log NB(x), with log(1 - pi) = -softplus(pi_logit) = -(softplus(-pi_logit) + pi_logit),
+    # which reuses softplus_neg_pi instead of a second full-size softplus.
+    case_nonzero = -(softplus_neg_pi + pi_logit) + nb_zero + x * (torch.log(mu + _EPS) - log_theta_mu)
     nonzero = x >= 0.5
     at = torch.nonzero(nonzero.reshape(-1)).squeeze(1)  # flat positions, found once for both gathers
     xs, th = x.reshape(-1).index_select(0, at), theta.reshape(-1).index_select(0, at)
