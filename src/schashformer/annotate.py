@@ -8,7 +8,8 @@ a query cell's key is located in the reference's sorted keys by binary search an
 reference cells on either side are taken, per head. The ``n_neighbors`` nearest candidates vote,
 weighted by inverse distance to the fourth power, in the vote space (``space``): by default z, the
 stage-2 tokens (stage-1 hidden layer + principal components) and the reference's top 50 principal
-components, each part scaled to unit root-mean-square norm over the reference. Each label's
+components of its centred, unscaled log expression, each part scaled to unit root-mean-square norm
+over the reference. Each label's
 tally is divided by its reference frequency to the power ``class_balance`` (0.5 by default), so
 that a type that is rare in the reference but common in the query is not out-voted by the
 reference's majority types. Cost O(query x heads x window) plus O(cells log cells) for the sort
@@ -40,7 +41,7 @@ UNKNOWN = "unknown"
 SPACES = ("combined", "z", "tokens", "pcs")  # vote spaces: all three of z, the tokens and VOTE_PCS PCs, or one alone
 DEFAULT_SPACE = "combined"
 DEFAULT_CLASS_BALANCE = 0.5  # label tallies / (reference label frequency) ** this
-VOTE_PCS = 50  # principal components of the reference (the model's standardised genes) in the vote space
+VOTE_PCS = 50  # principal components of the reference (the model's genes, centred, unscaled) in the vote space
 WEIGHT_POWER = 4.0  # a neighbour's vote weight: 1 / distance ** this (relative to the nearest candidate)
 
 
@@ -92,13 +93,19 @@ def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str 
 
 def reference_pcs(ref: Prepared, qry: Prepared, n_comps: int = VOTE_PCS,
                   batch: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Both data sets projected on the top ``n_comps`` principal axes of the reference's standardised
-    expression (the model's genes, mean and std; :func:`schashformer.preprocess.principal_axes`:
-    a genes x genes Gram matrix, linear in cells). Row batches: never a dense cells x genes copy."""
-    axes = principal_axes(ref, n_comps)
+    """Both data sets projected on the top ``n_comps`` principal axes of the reference's log-normalised
+    expression, centred by the model's gene means and not scaled (:func:`schashformer.preprocess.principal_axes`
+    with ``scaled=False``: a genes x genes Gram matrix, linear in cells). Row batches: never a dense
+    cells x genes copy.
+
+    Not scaled, as in scanpy's ``ingest``: dividing by each gene's standard deviation lifts the
+    low-variance genes, whose values shift most between donors. Mouse pancreas mouse1 -> mouse2
+    (seed 0): accuracy 0.863 with standardised genes, 0.939 centred only (kNN on PCA: 0.803 -> 0.916).
+    """
+    axes = principal_axes(ref, n_comps, scaled=False)
 
     def project(prep: Prepared) -> np.ndarray:
-        return np.concatenate([prep.standardised(np.arange(s, min(s + batch, prep.n_cells))) @ axes
+        return np.concatenate([prep.centred(np.arange(s, min(s + batch, prep.n_cells))) @ axes
                                for s in range(0, prep.n_cells, batch)]).astype(np.float32)
 
     return project(ref), project(qry)
@@ -279,7 +286,7 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     min_confidence : cells whose winning vote share is below this are labelled ``"unknown"``.
     space : where neighbours are measured: ``"combined"`` (default) z, the stage-2 tokens (stage-1
         hidden layer + the model's principal components) and the reference's top 50 principal
-        components of the model's standardised genes side by side, each part scaled to unit RMS
+        components of its centred (not scaled) log expression side by side, each part scaled to unit RMS
         norm over the reference; ``"z"``, ``"tokens"`` or ``"pcs"`` one of them alone. z is trained
         to cluster the reference and merges small reference types into large ones, which costs
         accuracy when such a type is common in the query (e.g. another donor); the principal

@@ -70,6 +70,12 @@ class Prepared:
         x /= self.stats.std
         return np.clip(x, -CLIP, CLIP, out=x)
 
+    def centred(self, rows) -> np.ndarray:
+        """Dense log-normalised expression of ``rows`` minus the gene means: (len(rows), genes) float32."""
+        x = self.logn[rows].toarray()
+        x -= self.stats.mean
+        return x
+
 
 def count_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
     """The (cells x genes) matrix of ``adata`` (or one of its layers) as CSR float32."""
@@ -255,8 +261,9 @@ def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp
     return sp.csr_matrix(x[:, pos[present]] @ scatter, dtype=np.float32)
 
 
-def principal_axes(prepared: Prepared, n_comps: int, chunk: int = 65536) -> np.ndarray:
-    """Top ``n_comps`` principal axes (genes, n_comps) of the standardised expression.
+def principal_axes(prepared: Prepared, n_comps: int, chunk: int = 65536, scaled: bool = True) -> np.ndarray:
+    """Top ``n_comps`` principal axes (genes, n_comps) of the standardised expression
+    (``scaled=False``: of the centred, unscaled log-normalised expression).
 
     Computed from the genes x genes Gram matrix of the sparse log-normalised matrix,
     accumulated over row chunks: O(nnz * genes) time and O(genes^2) memory, linear in
@@ -272,9 +279,10 @@ def principal_axes(prepared: Prepared, n_comps: int, chunk: int = 65536) -> np.n
         gram += (block.T @ block).toarray()
     mean = st.mean.astype(np.float64)
     cov = gram / n - np.outer(mean, mean)
-    std = st.std.astype(np.float64)
-    corr = cov / np.outer(std, std)
-    vals, vecs = np.linalg.eigh(corr)
+    if scaled:
+        std = st.std.astype(np.float64)
+        cov = cov / np.outer(std, std)
+    vals, vecs = np.linalg.eigh(cov)
     axes = vecs[:, ::-1][:, :n_comps]
     axes *= np.sign(axes[np.abs(axes).argmax(0), np.arange(n_comps)])  # deterministic signs
     return axes.astype(np.float32)
