@@ -298,6 +298,22 @@ def update_readme(text: str) -> None:
     path.write_text(readme[: readme.index(start) + len(start)] + "\n" + body.strip() + "\n" + readme[readme.index(end):])
 
 
+def plan_tasks(sets: list[tuple[str, str, str]], args: argparse.Namespace) -> list[dict]:
+    """One task per (method, data set, seed): scHashFormer and the cheap peers get ``args.seeds``,
+    the ablations ``args.ablation_seeds``, scVI and ZINB-DEC ``args.deep_seeds`` (scVI trained
+    ``args.scvi_epochs`` epochs, one task giving both of its rows). Longest methods first, so the
+    last runs to finish are short ones. ``sets``: (path, data set name, label key)."""
+    methods = list(dict.fromkeys(args.methods))
+    if SCVI_LEIDEN in methods and SCVI_KMEANS in methods:  # one scVI model gives both rows
+        methods.remove(SCVI_KMEANS)
+    cost = {m: 0 if m.startswith(SCHF) else 1 if m.startswith(("ZINB", "scVI")) else 2 for m in methods}
+    seeds = {m: args.ablation_seeds if m in ABLATIONS else args.deep_seeds if m.startswith(("scVI", "ZINB"))
+             else args.seeds for m in methods}
+    params = {m: {"max_epochs": args.scvi_epochs} if m.startswith("scVI") else None for m in methods}
+    return [{"path": p, "dataset": n, "label_key": lk, "method": m, "seed": s, "params": params[m]}
+            for m in sorted(methods, key=cost.get) for p, n, lk in sets for s in seeds[m]]
+
+
 # ----------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -322,16 +338,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sets = [(str(Path(args.data_dir) / f"{n}.h5"), n, "label") for n in args.datasets]
     sets += [(str(Path(f)), Path(f).stem, args.label_key) for f in args.extra]
-    methods = list(dict.fromkeys(args.methods))
-    if SCVI_LEIDEN in methods and SCVI_KMEANS in methods:  # one scVI model gives both rows
-        methods.remove(SCVI_KMEANS)
-    # Longest first, so the last runs to finish are short ones.
-    cost = {m: 0 if m.startswith(SCHF) else 1 if m.startswith(("ZINB", "scVI")) else 2 for m in methods}
-    seeds = {m: args.ablation_seeds if m in ABLATIONS else args.deep_seeds if m.startswith(("scVI", "ZINB"))
-             else args.seeds for m in methods}
-    params = {m: {"max_epochs": args.scvi_epochs} if m.startswith("scVI") else None for m in methods}
-    tasks = [{"path": p, "dataset": n, "label_key": lk, "method": m, "seed": s, "params": params[m]}
-             for m in sorted(methods, key=cost.get) for p, n, lk in sets for s in seeds[m]]
+    tasks = plan_tasks(sets, args)
     threads = str(args.threads or os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // max(args.jobs, 1)))
     # Thread limits must be in the environment before a worker imports torch (hence spawn).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -352,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - start_all
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     command = "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    methods = args.methods
     notes = [f"ablations: seeds {args.ablation_seeds}" if any(m in ABLATIONS for m in methods) else "",
              f"scVI and ZINB-DEC: seeds {args.deep_seeds}" if any(m.startswith(("scVI", "ZINB")) for m in methods)
              else "", f"scVI: {args.scvi_epochs} epochs" if any(m.startswith("scVI") for m in methods) else ""]

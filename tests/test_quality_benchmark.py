@@ -50,3 +50,23 @@ def test_worker_and_outputs(quality, tmp_path):
     assert (tmp_path / "out" / "quality.csv").exists()
     for metric in quality.METRICS:
         assert (tmp_path / "out" / f"quality_{metric}.png").stat().st_size > 0
+
+
+def test_plan_gives_each_method_its_seeds_and_scvi_its_epochs(quality):
+    import argparse
+
+    args = argparse.Namespace(methods=list(quality.METHODS), seeds=[0, 1, 2, 3, 4], ablation_seeds=[0, 1],
+                              deep_seeds=[0, 1, 2], scvi_epochs=100)
+    sets = [("a.h5", "a", "label"), ("b.h5", "b", "label")]
+    tasks = quality.plan_tasks(sets, args)
+    seeds = {}
+    for t in tasks:
+        seeds.setdefault(t["method"], set()).add(t["seed"])
+    assert seeds[quality.SCHF] == {0, 1, 2, 3, 4} and seeds["PCA(50) + k-means"] == {0, 1, 2, 3, 4}
+    assert all(seeds[m] == {0, 1} for m in quality.ABLATIONS)
+    assert seeds["ZINB-DEC (scDeepCluster-style)"] == {0, 1, 2} and seeds[quality.SCVI_LEIDEN] == {0, 1, 2}
+    assert quality.SCVI_KMEANS not in seeds  # the scVI Leiden task also gives the k-means row
+    assert all(t["params"] == {"max_epochs": 100} for t in tasks if t["method"] == quality.SCVI_LEIDEN)
+    n_runs = 2 * (4 * 5 + 3 * 2 + 2 * 3)  # per data set: scHashFormer + 3 cheap peers, 3 ablations, 2 deep peers
+    assert len(tasks) == n_runs
+    assert tasks[0]["method"].startswith(quality.SCHF) and not tasks[-1]["method"].startswith(("scVI", "ZINB", quality.SCHF))
