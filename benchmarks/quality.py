@@ -44,7 +44,7 @@ ABLATIONS = {
 SCVI_LEIDEN, SCVI_KMEANS = "scVI + Leiden (K matched)", "scVI + k-means"
 # scvi-tools' own heuristic gives 400 epochs below 20,000 cells: ~9 min per run on one CPU thread
 # here, which alone would take the benchmark past an hour. 100 epochs (~3,000 steps at these sizes)
-# is the budget used; what it costs scVI in quality is not yet measured (docs/METHOD_CHOICES.md).
+# is the budget used; on worm neurons 400 epochs scored no better (seed 0; docs/METHOD_CHOICES.md).
 SCVI_EPOCHS = 100
 METHODS = (SCHF, *ABLATIONS, "scanpy Leiden (res 1.0)", "scanpy Leiden (K matched)", "PCA(50) + k-means",
            SCVI_LEIDEN, SCVI_KMEANS, "ZINB-DEC (scDeepCluster-style)")
