@@ -42,7 +42,7 @@ ABLATIONS = {
     "scHashFormer, no ZINB (stage 1)": {"w_zinb": 0.0},
 }
 SCVI_LEIDEN, SCVI_KMEANS = "scVI + Leiden (K matched)", "scVI + k-means"
-# scvi-tools' own heuristic gives 400 epochs below 20,000 cells: ~9 min per run on one CPU thread
+# scvi-tools' own heuristic gives 400 epochs below 20,000 cells: ~10 min per run on one CPU thread
 # here, which alone would take the benchmark past an hour. 100 epochs (~3,000 steps at these sizes)
 # is the budget used; on worm neurons 400 epochs scored no better (seed 0; docs/METHOD_CHOICES.md).
 SCVI_EPOCHS = 100
@@ -298,6 +298,11 @@ def update_readme(text: str) -> None:
     path.write_text(readme[: readme.index(start) + len(start)] + "\n" + body.strip() + "\n" + readme[readme.index(end):])
 
 
+def _deep(method: str) -> bool:
+    """scVI or ZINB-DEC: the deep peers, which get ``--deep-seeds``."""
+    return method.startswith(("scVI", "ZINB"))
+
+
 def plan_tasks(sets: list[tuple[str, str, str]], args: argparse.Namespace) -> list[dict]:
     """One task per (method, data set, seed): scHashFormer and the cheap peers get ``args.seeds``,
     the ablations ``args.ablation_seeds``, scVI and ZINB-DEC ``args.deep_seeds`` (scVI trained
@@ -306,9 +311,8 @@ def plan_tasks(sets: list[tuple[str, str, str]], args: argparse.Namespace) -> li
     methods = list(dict.fromkeys(args.methods))
     if SCVI_LEIDEN in methods and SCVI_KMEANS in methods:  # one scVI model gives both rows
         methods.remove(SCVI_KMEANS)
-    cost = {m: 0 if m.startswith(SCHF) else 1 if m.startswith(("ZINB", "scVI")) else 2 for m in methods}
-    seeds = {m: args.ablation_seeds if m in ABLATIONS else args.deep_seeds if m.startswith(("scVI", "ZINB"))
-             else args.seeds for m in methods}
+    cost = {m: 0 if m.startswith(SCHF) else 1 if _deep(m) else 2 for m in methods}
+    seeds = {m: args.ablation_seeds if m in ABLATIONS else args.deep_seeds if _deep(m) else args.seeds for m in methods}
     params = {m: {"max_epochs": args.scvi_epochs} if m.startswith("scVI") else None for m in methods}
     return [{"path": p, "dataset": n, "label_key": lk, "method": m, "seed": s, "params": params[m]}
             for m in sorted(methods, key=cost.get) for p, n, lk in sets for s in seeds[m]]
@@ -361,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     methods = args.methods
     notes = [f"ablations: seeds {args.ablation_seeds}" if any(m in ABLATIONS for m in methods) else "",
-             f"scVI and ZINB-DEC: seeds {args.deep_seeds}" if any(m.startswith(("scVI", "ZINB")) for m in methods)
-             else "", f"scVI: {args.scvi_epochs} epochs" if any(m.startswith("scVI") for m in methods) else ""]
+             f"scVI and ZINB-DEC: seeds {args.deep_seeds}" if any(map(_deep, methods)) else "",
+             f"scVI: {args.scvi_epochs} epochs" if any(m.startswith("scVI") for m in methods) else ""]
     ablation_note = f" ({'; '.join(n for n in notes if n)})" if any(notes) else ""
     header = [f"# Quality benchmark: true K for every method, seeds {args.seeds}{ablation_note}", "",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {ram_gib:.0f} GiB RAM, no GPU used; "

@@ -65,8 +65,7 @@ class Prepared:
 
     def standardised(self, rows) -> np.ndarray:
         """Dense standardised expression of ``rows``: (len(rows), genes) float32."""
-        x = self.logn[rows].toarray()
-        x -= self.stats.mean
+        x = self.centred(rows)
         x /= self.stats.std
         return np.clip(x, -CLIP, CLIP, out=x)
 
