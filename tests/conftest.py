@@ -9,7 +9,7 @@ import scipy.sparse as sp
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Small networks and few steps: tests check behaviour, benchmarks check quality at defaults.
-# Behaviour checks in few steps: the ZINB-led defaults (contrastive weight 0.03, input noise sd 2.5)
+# Behaviour checks in few steps: the ZINB-led defaults (contrastive weight 0.03, input noise ~2.5 sd)
 # need their full step count, so short runs let the contrastive terms lead (weight 1, no noise).
 # Quality at the defaults is asserted separately (test_model.fitted, test_quality, benchmarks).
 FAST = dict(stage1_steps=40, stage2_pretrain_steps=40, stage2_cluster_steps=40, hidden=64, hash_latent=32,

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from sklearn.metrics import adjusted_rand_score
 
@@ -178,3 +179,21 @@ def test_token_pcs_tokens_saved_and_loaded(tmp_path):
     assert loaded.token_scale_ == model.token_scale_
     assert np.allclose(loaded.transform(adata), model.transform(adata), atol=1e-5)
     assert (loaded.predict(adata) == model.predict(adata)).all()
+
+
+def test_stage1_noise_is_relative_to_the_mean_absolute_input(sim):
+    """The view noise sd is input_noise x mean |standardised input|, over every cell (row chunks)."""
+    from schashformer.data import CellData
+    from schashformer.preprocess import prepare
+    from schashformer.train import _abs_input_sum, _mean_abs_input
+
+    prep = prepare(sim, n_top_genes=100)
+    data = CellData(prep)
+    dense = np.abs(prep.standardised(np.arange(prep.n_cells)))
+    total, n = _abs_input_sum(data, chunk=64)  # 300 cells: several chunks and a short last one
+    assert n == dense.size and total == pytest.approx(float(dense.sum(dtype=np.float64)), rel=1e-6)
+    assert _mean_abs_input(data) == pytest.approx(float(dense.mean()), rel=1e-6)
+    # a shallower copy of the same cells (a tenth of the counts) has more zeros: smaller mean |input|
+    shallow = sim.copy()
+    shallow.X = sp.csr_matrix(np.random.default_rng(0).binomial(sim.X.toarray().astype(np.int64), 0.1).astype(np.float32))
+    assert _mean_abs_input(CellData(prepare(shallow, n_top_genes=100))) < _mean_abs_input(data)

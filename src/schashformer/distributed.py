@@ -69,7 +69,7 @@ from .nn.cluster_head import kl_loss
 from .nn.lsh import bit_balance_loss, bucket_contrastive_loss
 from .preprocess import (GeneStats, Prepared, _log_normalise, check_names, count_matrix, expand_to_cells,
                          validate_counts)
-from .train import TrainConfig, _ChunkCursor, _optimiser, _RowCursor
+from .train import TrainConfig, _abs_input_sum, _ChunkCursor, _optimiser, _RowCursor
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +463,8 @@ def train_indexer(ctx: Context, indexer: LSHIndexer, data: CellData, home: np.nd
     batch = min(cfg.stage1_batch, n_global)
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
     rows_of = _RowCursor(n_global, batch, rng)
+    total, n = allreduce(ctx, np.array(_abs_input_sum(data), dtype=np.float64))
+    noise = cfg.input_noise * total / max(n, 1)  # the whole data's mean |input|, as one process computes it
     history = []
     indexer.train()
     bar = tqdm(range(cfg.stage1_steps), desc=f"stage 1: hashing ({ctx.world} ranks)", disable=not progress,
@@ -482,9 +484,9 @@ def train_indexer(ctx: Context, indexer: LSHIndexer, data: CellData, home: np.nd
         shape, keep = (len(rows), n_genes), 1.0 - cfg.mask_rate
         x1 = x * (torch.rand(shape, generator=gen, device=data.device)[pick] < keep)
         x2 = x * (torch.rand(shape, generator=gen, device=data.device)[pick] < keep)
-        if cfg.input_noise > 0:
-            x1 = x1 + cfg.input_noise * torch.randn(shape, generator=gen, device=data.device)[pick]
-            x2 = x2 + cfg.input_noise * torch.randn(shape, generator=gen, device=data.device)[pick]
+        if noise > 0:
+            x1 = x1 + noise * torch.randn(shape, generator=gen, device=data.device)[pick]
+            x2 = x2 + noise * torch.randn(shape, generator=gen, device=data.device)[pick]
         loss, zinb_share, terms = model(x1, x2, counts, sf, onehot, sizes)
         value = _global_loss(ctx, loss, cfg, "stage 1 (hashing)", step)
         opt.zero_grad(set_to_none=True)

@@ -41,7 +41,10 @@ class TrainConfig:
     stage1_batch: int = 512
     tau: float = 0.8
     mask_rate: float = 0.2
-    input_noise: float = 2.5  # sd of Gaussian noise added to each view (scDeepCluster's denoising value)
+    # sd of the Gaussian noise added to each view, in units of the data's mean |standardised input|
+    # (~0.4 on 10x-depth data, where 6.25 gives scDeepCluster's 2.5; 0.15 on the shallow worm data,
+    # where a fixed 2.5 drowned its ~16 expressed genes per cell: +0.10 ARI, docs/METHOD_CHOICES.md).
+    input_noise: float = 6.25
     w_zinb: float = 1.0  # weight of the stage-1 ZINB reconstruction; 0 drops the term (ablation)
     w_contrastive: float = 0.03  # small: the contrastive term's scale dwarfs the per-entry ZINB NLL
     bucket_weight: float = 1.0  # weight of same-bucket positives relative to the cell's own other view
@@ -187,6 +190,7 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
     params = list(indexer.parameters())
     opt = _optimiser(params, cfg)
     batch = min(cfg.stage1_batch, data.n_cells)
+    noise = cfg.input_noise * _mean_abs_input(data)
     history = []
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
     rows_of = _RowCursor(data.n_cells, batch, rng)
@@ -208,9 +212,9 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
             keep = 1.0 - cfg.mask_rate
             x1 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
             x2 = x * (torch.rand(x.shape, generator=gen, device=x.device) < keep)
-            if cfg.input_noise > 0:
-                x1 = x1 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
-                x2 = x2 + cfg.input_noise * torch.randn(x.shape, generator=gen, device=x.device)
+            if noise > 0:
+                x1 = x1 + noise * torch.randn(x.shape, generator=gen, device=x.device)
+                x2 = x2 + noise * torch.randn(x.shape, generator=gen, device=x.device)
             terms = indexer.losses(x1, x2, counts, sf, onehot, tau=cfg.tau, bucket_weight=cfg.bucket_weight,
                                    detach_codes=cfg.detach_codes)
             # w_zinb = 0 leaves the term out of the graph, so the decoder gets no gradient (and no
@@ -227,6 +231,19 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
             checkpoint.save("stage1", step + 1, optimiser=opt.state_dict(), history1=history,
                             loop={"gen": gen.get_state(), **rows_of.state()})
     return history
+
+
+def _abs_input_sum(data: CellData, chunk: int = 8192) -> tuple[float, int]:
+    """(sum of |standardised input|, number of entries) over all cells, in row chunks."""
+    total = 0.0
+    for start in range(0, data.n_cells, chunk):
+        total += float(np.abs(data.prepared.standardised(np.arange(start, min(start + chunk, data.n_cells)))).sum(dtype=np.float64))
+    return total, data.n_cells * data.n_genes
+
+
+def _mean_abs_input(data: CellData) -> float:
+    total, n = _abs_input_sum(data)
+    return total / max(n, 1)
 
 
 @torch.no_grad()
