@@ -2,10 +2,9 @@
 
 Every method gets the same raw counts of the same cells and is told the true number of
 clusters K the same way (Leiden: resolution bisected to K, except the resolution-1.0 row).
-Each (data set, method, seed) runs in its own process (so peak RSS is that run's alone), forked
-from a server that has imported what every run imports (torch, the package, anndata): the ~5 s
-of imports are paid once, not once per run. OMP/MKL threads (--threads; default
-$OMP_NUM_THREADS, else cores / --jobs) are set before that server imports torch.
+Each (data set, method, seed) runs in its own spawned process (so peak RSS is that run's
+alone), with OMP/MKL threads (--threads; default $OMP_NUM_THREADS, else cores / --jobs) set
+before torch is imported.
 
     python benchmarks/quality.py [--datasets NAME ...] [--extra FILE.h5ad ... --label-key label]
                                  [--seeds 0 1 2 3 4] [--ablation-seeds 0 1] [--deep-seeds 0 1 2] [--scvi-epochs 100] [--jobs 2] [--threads N] [--methods NAME ...] [--out DIR]
@@ -49,8 +48,6 @@ SCVI_LEIDEN, SCVI_KMEANS = "scVI + Leiden (K matched)", "scVI + k-means"
 SCVI_EPOCHS = 100
 METHODS = (SCHF, *ABLATIONS, "scanpy Leiden (res 1.0)", "scanpy Leiden (K matched)", "PCA(50) + k-means",
            SCVI_LEIDEN, SCVI_KMEANS, "ZINB-DEC (scDeepCluster-style)")
-# Imported once by the forkserver that forks every run; each of them is imported by every method's run.
-PRELOAD = ["__main__", "torch", "sklearn.metrics", "anndata", "schashformer", "schashformer.metrics"]
 METRICS = {"ari": "ARI", "nmi": "NMI", "acc": "ACC", "f1_macro": "macro F1", "seconds": "seconds / run",
            "peak_rss_gib": "peak RSS (GiB)"}
 
@@ -347,16 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     sets += [(str(Path(f)), Path(f).stem, args.label_key) for f in args.extra]
     tasks = plan_tasks(sets, args)
     threads = str(args.threads or os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // max(args.jobs, 1)))
-    # Thread limits must be in the environment before the forkserver imports torch.
+    # Thread limits must be in the environment before a worker imports torch (hence spawn).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = threads
     chance = {n: chance_purity(load(p, lk)[1]) for p, n, lk in sets}
     rows, start_all = [], time.perf_counter()
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx = multiprocessing.get_context("spawn")
     # One task per process: ru_maxrss is a process's lifetime peak, so a reused worker would report
-    # the largest earlier run's memory. A forked worker's peak includes the preloaded modules, as a
-    # spawned one's included its own imports of them.
+    # the largest earlier run's memory.
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         for result in pool.map(run_task, tasks):
             result = [r for r in result if r["method"] in args.methods]  # scVI gives two rows per run
