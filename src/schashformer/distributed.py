@@ -463,8 +463,10 @@ def train_indexer(ctx: Context, indexer: LSHIndexer, data: CellData, home: np.nd
     batch = min(cfg.stage1_batch, n_global)
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
     rows_of = _RowCursor(n_global, batch, rng)
-    total, n = allreduce(ctx, np.array(_abs_input_sum(data), dtype=np.float64))
-    noise = cfg.input_noise * total / max(n, 1)  # the whole data's mean |input|, as one process computes it
+    noise = 0.0
+    if cfg.input_noise > 0:  # the whole data's mean |input|, as one process computes it
+        total, n = allreduce(ctx, np.array(_abs_input_sum(data), dtype=np.float64))
+        noise = cfg.input_noise * total / max(n, 1)
     history = []
     indexer.train()
     bar = tqdm(range(cfg.stage1_steps), desc=f"stage 1: hashing ({ctx.world} ranks)", disable=not progress,

@@ -190,7 +190,7 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
     params = list(indexer.parameters())
     opt = _optimiser(params, cfg)
     batch = min(cfg.stage1_batch, data.n_cells)
-    noise = cfg.input_noise * _mean_abs_input(data)
+    noise = cfg.input_noise * _mean_abs_input(data) if cfg.input_noise > 0 else 0.0  # no pass for nothing
     history = []
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
     rows_of = _RowCursor(data.n_cells, batch, rng)
@@ -235,9 +235,7 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
 
 def _abs_input_sum(data: CellData, chunk: int = 8192) -> tuple[float, int]:
     """(sum of |standardised input|, number of entries) over all cells, in row chunks."""
-    total = 0.0
-    for start in range(0, data.n_cells, chunk):
-        total += float(np.abs(data.prepared.standardised(np.arange(start, min(start + chunk, data.n_cells)))).sum(dtype=np.float64))
+    total = sum(float(data.inputs(rows).abs().sum(dtype=torch.float64)) for rows in data.minibatches(chunk))
     return total, data.n_cells * data.n_genes
 
 
