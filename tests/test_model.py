@@ -185,15 +185,15 @@ def test_stage1_noise_is_relative_to_the_mean_absolute_input(sim):
     """The view noise sd is input_noise x mean |standardised input|, over every cell (row chunks)."""
     from schashformer.data import CellData
     from schashformer.preprocess import prepare
-    from schashformer.train import _abs_input_sum, _mean_abs_input
+    from schashformer.train import TrainConfig, _abs_input_sum, view_noise_sd
 
     prep = prepare(sim, n_top_genes=100)
     data = CellData(prep)
     dense = np.abs(prep.standardised(np.arange(prep.n_cells)))
     total, n = _abs_input_sum(data, chunk=64)  # 300 cells: several chunks and a short last one
     assert n == dense.size and total == pytest.approx(float(dense.sum(dtype=np.float64)), rel=1e-6)
-    assert _mean_abs_input(data) == pytest.approx(float(dense.mean()), rel=1e-6)
+    assert view_noise_sd(data, TrainConfig(input_noise=1.0)) == pytest.approx(float(dense.mean()), rel=1e-6)
     # a shallower copy of the same cells (a tenth of the counts) has more zeros: smaller mean |input|
     shallow = sim.copy()
     shallow.X = sp.csr_matrix(np.random.default_rng(0).binomial(sim.X.toarray().astype(np.int64), 0.1).astype(np.float32))
-    assert _mean_abs_input(CellData(prepare(shallow, n_top_genes=100))) < _mean_abs_input(data)
+    assert view_noise_sd(CellData(prepare(shallow, n_top_genes=100)), TrainConfig(input_noise=1.0)) < view_noise_sd(data, TrainConfig(input_noise=1.0))

@@ -69,7 +69,7 @@ from .nn.cluster_head import kl_loss
 from .nn.lsh import bit_balance_loss, bucket_contrastive_loss
 from .preprocess import (GeneStats, Prepared, _log_normalise, check_names, count_matrix, expand_to_cells,
                          validate_counts)
-from .train import TrainConfig, _abs_input_sum, _ChunkCursor, _optimiser, _RowCursor
+from .train import TrainConfig, _ChunkCursor, _optimiser, _RowCursor, view_noise_sd
 
 log = logging.getLogger(__name__)
 
@@ -463,10 +463,7 @@ def train_indexer(ctx: Context, indexer: LSHIndexer, data: CellData, home: np.nd
     batch = min(cfg.stage1_batch, n_global)
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
     rows_of = _RowCursor(n_global, batch, rng)
-    noise = 0.0
-    if cfg.input_noise > 0:  # the whole data's mean |input|, as one process computes it
-        total, n = allreduce(ctx, np.array(_abs_input_sum(data), dtype=np.float64))
-        noise = cfg.input_noise * total / max(n, 1)
+    noise = view_noise_sd(data, cfg, reduce=lambda pair: allreduce(ctx, pair))
     history = []
     indexer.train()
     bar = tqdm(range(cfg.stage1_steps), desc=f"stage 1: hashing ({ctx.world} ranks)", disable=not progress,

@@ -192,7 +192,7 @@ def train_indexer(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
     params = list(indexer.parameters())
     opt = _optimiser(params, cfg)
     batch = min(cfg.stage1_batch, data.n_cells)
-    noise = cfg.input_noise * _mean_abs_input(data) if cfg.input_noise > 0 else 0.0  # no pass for nothing
+    noise = view_noise_sd(data, cfg)
     history = []
     gen = torch.Generator(device=data.device).manual_seed(int(rng.integers(2**31)))
     rows_of = _RowCursor(data.n_cells, batch, rng)
@@ -241,9 +241,18 @@ def _abs_input_sum(data: CellData, chunk: int = 8192) -> tuple[float, int]:
     return total, data.n_cells * data.n_genes
 
 
-def _mean_abs_input(data: CellData) -> float:
+def view_noise_sd(data: CellData, cfg: TrainConfig, reduce=None) -> float:
+    """sd of the stage-1 view noise: ``input_noise`` x the mean |standardised input| of all cells.
+
+    ``reduce`` sums the (total, entries) pair over processes (DDP), so every rank gets the same sd;
+    with ``input_noise`` 0 the data pass is skipped.
+    """
+    if cfg.input_noise <= 0:
+        return 0.0
     total, n = _abs_input_sum(data)
-    return total / max(n, 1)
+    if reduce is not None:
+        total, n = reduce(np.array((total, n), dtype=np.float64))
+    return cfg.input_noise * (total / max(n, 1))
 
 
 @torch.no_grad()
