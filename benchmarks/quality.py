@@ -2,9 +2,11 @@
 
 Every method gets the same raw counts of the same cells and is told the true number of
 clusters K the same way (Leiden: resolution bisected to K, except the resolution-1.0 row).
-Each (data set, method, seed) runs in its own spawned process (so peak RSS is that run's
-alone), with OMP/MKL threads (--threads; default $OMP_NUM_THREADS, else cores / --jobs) set
-before torch is imported.
+Each (data set, method, seed) runs in its own process (so peak RSS is that run's alone), with
+OMP/MKL/numba threads (--threads; default $OMP_NUM_THREADS, else cores / --jobs) set before
+torch is imported. On Linux the processes are forked from the benchmark's own, which has
+imported what every run imports (torch, anndata, scikit-learn, the package) once; elsewhere
+they are spawned and import it themselves.
 
     python benchmarks/quality.py [--datasets NAME ...] [--extra FILE.h5ad ... --label-key label]
                                  [--seeds 0 1 2 3 4] [--ablation-seeds 0 1] [--deep-seeds 0 1 2] [--scvi-epochs 100] [--jobs 2] [--threads N] [--methods NAME ...] [--out DIR]
@@ -18,7 +20,7 @@ the README block between <!-- quality:start --> and <!-- quality:end -->.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import importlib
 import multiprocessing
 import os
 import platform
@@ -42,12 +44,21 @@ ABLATIONS = {
     "scHashFormer, no ZINB (stage 1)": {"w_zinb": 0.0},
 }
 SCVI_LEIDEN, SCVI_KMEANS = "scVI + Leiden (K matched)", "scVI + k-means"
+LEIDEN_RES1, LEIDEN_K = "scanpy Leiden (res 1.0)", "scanpy Leiden (K matched)"
+# Methods that one run gives together (one model or graph, two clusterings): the second is never run alone
+# when the first is asked for too.
+PAIRED = {SCVI_LEIDEN: SCVI_KMEANS, LEIDEN_RES1: LEIDEN_K}
 # scvi-tools' own heuristic gives 400 epochs below 20,000 cells: ~10 min per run on one CPU thread
 # here, which alone would take the benchmark past an hour. 100 epochs (~3,000 steps at these sizes)
 # is the budget used; on worm neurons 400 epochs scored no better (seed 0; docs/METHOD_CHOICES.md).
 SCVI_EPOCHS = 100
-METHODS = (SCHF, *ABLATIONS, "scanpy Leiden (res 1.0)", "scanpy Leiden (K matched)", "PCA(50) + k-means",
+METHODS = (SCHF, *ABLATIONS, LEIDEN_RES1, LEIDEN_K, "PCA(50) + k-means",
            SCVI_LEIDEN, SCVI_KMEANS, "ZINB-DEC (scDeepCluster-style)")
+# Imported once before the runs are forked: every method's run imports these (scanpy is not among them,
+# so that it does not count in the peak memory of the runs that never use it).
+PRELOAD = ("torch", "anndata", "sklearn.cluster", "sklearn.metrics", "schashformer", "schashformer.metrics",
+           "schashformer.baselines")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 METRICS = {"ari": "ARI", "nmi": "NMI", "acc": "ACC", "f1_macro": "macro F1", "seconds": "seconds / run",
            "peak_rss_gib": "peak RSS (GiB)"}
 
@@ -77,8 +88,9 @@ def run_method(adata, y: np.ndarray, k: int, method: str, seed: int, label_key: 
 
     ``params`` overrides method settings (TrainConfig fields for scHashFormer and its ablations,
     :class:`schashformer.baselines.ZINBDEC` arguments for the DEC baseline); used by tests to
-    shorten runs. The scVI methods give two rows from one trained model (``SCVI_LEIDEN`` and
-    ``SCVI_KMEANS``, whichever is asked for), or a row with status "not installed".
+    shorten runs. The methods of :data:`PAIRED` give both rows of their pair, whichever is asked
+    for: the scVI ones from one trained model (or rows with status "not installed"), the scanpy
+    Leiden ones from one neighbour graph.
     Each row: method, seed, status, ari, nmi, acc, f1_macro (+ homogeneity, ...), seconds and,
     for scHashFormer runs, purity (mean over hash heads), purity_heads, n_buckets.
     """
@@ -97,11 +109,8 @@ def run_method(adata, y: np.ndarray, k: int, method: str, seed: int, label_key: 
         extra = {"purity": float(np.mean(purities)), "purity_heads": " ".join(f"{p:.3f}" for p in purities),
                  "n_buckets": float(np.mean([s["n_buckets"] for s in model.bucket_stats_])),
                  "kmeans_init_ari": clustering_scores(y, model.kmeans_labels_)["ari"]}
-    elif method in ("scanpy Leiden (res 1.0)", "scanpy Leiden (K matched)"):
-        from schashformer.baselines import scanpy_leiden
-
-        labels, info = scanpy_leiden(adata, None if "res 1.0" in method else k, resolution=1.0, seed=seed)
-        extra = {"resolution": info["resolution"]}
+    elif method in (LEIDEN_RES1, LEIDEN_K):
+        return _run_scanpy_leiden(adata, y, k, seed)
     elif method == "PCA(50) + k-means":
         from schashformer.baselines import pca_kmeans
 
@@ -119,6 +128,24 @@ def run_method(adata, y: np.ndarray, k: int, method: str, seed: int, label_key: 
     seconds = time.perf_counter() - start
     return [{"method": method, "seed": seed, "status": "ok", **clustering_scores(y, labels), "seconds": seconds,
              **extra}]
+
+
+def _run_scanpy_leiden(adata, y: np.ndarray, k: int, seed: int) -> list[dict]:
+    """scanpy's pipeline (PCA, 15-NN graph) once; Leiden at resolution 1.0 and at the resolution giving K
+    on that graph. Each row's seconds: the shared graph plus its own Leiden runs. Two rows."""
+    from schashformer.baselines.scanpy_pipeline import leiden_on_graph, neighbour_graph
+    from schashformer.metrics import clustering_scores
+
+    start = time.perf_counter()
+    a, _ = neighbour_graph(adata, seed=seed)
+    graph = time.perf_counter() - start
+    rows = []
+    for method, n_clusters in ((LEIDEN_RES1, None), (LEIDEN_K, k)):
+        t = time.perf_counter()
+        labels, resolution, _ = leiden_on_graph(a, n_clusters, resolution=1.0, seed=seed)
+        rows.append({"method": method, "seed": seed, "status": "ok", **clustering_scores(y, labels),
+                     "seconds": graph + time.perf_counter() - t, "resolution": resolution})
+    return rows
 
 
 def _run_scvi(adata, y: np.ndarray, k: int, seed: int, params: dict) -> list[dict]:
@@ -166,6 +193,10 @@ def run_task(task: dict) -> list[dict]:
     Rows get dataset, n_cells, K and the process's peak RSS (GiB; run in a fresh process, it is
     this run's own, including reading the data and importing the libraries).
     """
+    if os.environ.get("OMP_NUM_THREADS"):  # a forked worker inherits torch's pool size: pin it to the run's share
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     adata, y, k = load(task["path"], task.get("label_key", "label"))
     rows = run_method(adata, y, k, task["method"], task["seed"], task.get("label_key", "label"), task.get("params"))
     rss = _peak_rss_gib()
@@ -309,8 +340,9 @@ def plan_tasks(sets: list[tuple[str, str, str]], args: argparse.Namespace) -> li
     ``args.scvi_epochs`` epochs, one task giving both of its rows). Longest methods first, so the
     last runs to finish are short ones. ``sets``: (path, data set name, label key)."""
     methods = list(dict.fromkeys(args.methods))
-    if SCVI_LEIDEN in methods and SCVI_KMEANS in methods:  # one scVI model gives both rows
-        methods.remove(SCVI_KMEANS)
+    for first, second in PAIRED.items():  # one run gives both rows
+        if first in methods and second in methods:
+            methods.remove(second)
     cost = {m: 0 if m.startswith(SCHF) else 1 if _deep(m) else 2 for m in methods}
     seeds = {m: args.ablation_seeds if m in ABLATIONS else args.deep_seeds if _deep(m) else args.seeds for m in methods}
     params = {m: {"max_epochs": args.scvi_epochs} if m.startswith("scVI") else None for m in methods}
@@ -344,17 +376,21 @@ def main(argv: list[str] | None = None) -> None:
     sets += [(str(Path(f)), Path(f).stem, args.label_key) for f in args.extra]
     tasks = plan_tasks(sets, args)
     threads = str(args.threads or os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // max(args.jobs, 1)))
-    # Thread limits must be in the environment before a worker imports torch (hence spawn).
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # Thread limits must be in the environment before torch, numpy's BLAS or numba is first imported.
+    for var in THREAD_VARS:
         os.environ[var] = threads
+    fork = sys.platform.startswith("linux")  # fork is unsafe on macOS and absent on Windows
+    if fork:  # paid once here instead of once per run; no torch op runs here, so no thread pool is forked
+        for module in PRELOAD:
+            importlib.import_module(module)
     chance = {n: chance_purity(load(p, lk)[1]) for p, n, lk in sets}
     rows, start_all = [], time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")
     # One task per process: ru_maxrss is a process's lifetime peak, so a reused worker would report
-    # the largest earlier run's memory.
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        for result in pool.map(run_task, tasks):
-            result = [r for r in result if r["method"] in args.methods]  # scVI gives two rows per run
+    # the largest earlier run's memory. A forked process's peak includes the pages it shares with
+    # this one (the preloaded modules), as a spawned one's includes its own imports of them.
+    with multiprocessing.get_context("fork" if fork else "spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        for result in pool.imap(run_task, tasks):
+            result = [r for r in result if r["method"] in args.methods]  # a PAIRED run gives two rows
             rows.extend(result)
             for r in result:
                 line = (f"ARI {r['ari']:.3f} NMI {r['nmi']:.3f} {r['seconds']:.0f}s {r['peak_rss_gib']:.2f} GiB"
@@ -370,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     ablation_note = f" ({'; '.join(n for n in notes if n)})" if any(notes) else ""
     header = [f"# Quality benchmark: true K for every method, seeds {args.seeds}{ablation_note}", "",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {ram_gib:.0f} GiB RAM, no GPU used; "
-              f"{args.jobs} runs at once with {threads} thread(s) each. Whole benchmark: {total / 60:.1f} min. "
+              f"{args.jobs} runs at once with {threads} thread(s) each, {'forked' if fork else 'spawned'}. Whole benchmark: {total / 60:.1f} min. "
               f"Command: `{command.strip()}`", "",
               "Mean ± sd over seeds. s / run: wall time of the method on data in memory (reading excluded); "
               "peak RSS: the run's process, including reading the data and imports. Bold: best mean ARI / NMI "

@@ -61,6 +61,21 @@ def test_leiden_dense_unscaled_and_default_resolution():
     assert adjusted_rand_score(types, labels) > 0.5
 
 
+def test_one_graph_serves_both_leiden_runs_exactly():
+    """The quality benchmark clusters one neighbour graph at resolution 1.0 and at K: the labels equal
+    two separate scanpy_leiden runs."""
+    from schashformer.baselines.scanpy_pipeline import leiden_on_graph, neighbour_graph
+
+    adata, _ = poisson_blobs(n_types=5, n_cells=300, n_genes=120, seed=3)
+    a, info = neighbour_graph(adata, seed=0)
+    assert a.n_obs == 300 and "connectivities" in a.obsp and info["time_neighbors"] >= 0
+    for n_clusters in (None, 4):
+        shared, resolution, _ = leiden_on_graph(a, n_clusters, resolution=1.0, seed=0)
+        alone, alone_info = scanpy_leiden(adata, n_clusters, resolution=1.0, seed=0)
+        np.testing.assert_array_equal(shared, alone)
+        assert resolution == alone_info["resolution"]
+
+
 def test_bad_parameters_raise():
     adata, _ = poisson_blobs(n_cells=30)
     with pytest.raises(ParameterError, match="n_clusters"):

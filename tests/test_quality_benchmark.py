@@ -66,7 +66,8 @@ def test_plan_gives_each_method_its_seeds_and_scvi_its_epochs(quality):
     assert all(seeds[m] == {0, 1} for m in quality.ABLATIONS)
     assert seeds["ZINB-DEC (scDeepCluster-style)"] == {0, 1, 2} and seeds[quality.SCVI_LEIDEN] == {0, 1, 2}
     assert quality.SCVI_KMEANS not in seeds  # the scVI Leiden task also gives the k-means row
+    assert quality.LEIDEN_K not in seeds and seeds[quality.LEIDEN_RES1] == {0, 1, 2, 3, 4}  # one graph, two rows
     assert all(t["params"] == {"max_epochs": 100} for t in tasks if t["method"] == quality.SCVI_LEIDEN)
-    n_runs = 2 * (4 * 5 + 3 * 2 + 2 * 3)  # per data set: scHashFormer + 3 cheap peers, 3 ablations, 2 deep peers
+    n_runs = 2 * (3 * 5 + 3 * 2 + 2 * 3)  # per data set: scHashFormer, Leiden pair, k-means; 3 ablations; 2 deep peers
     assert len(tasks) == n_runs
     assert tasks[0]["method"].startswith(quality.SCHF) and not tasks[-1]["method"].startswith(("scVI", "ZINB", quality.SCHF))

@@ -94,12 +94,26 @@ def scanpy_leiden(adata: ad.AnnData, n_clusters: int | None = None, *, resolutio
     Returns (labels (cells,) int, info dict: resolution, n_clusters_found, time_preprocess, time_pca,
     time_neighbors, time_leiden, n_leiden_calls).
     """
-    import scanpy as sc
-
     if n_clusters is not None:
         _check_int("n_clusters", n_clusters, 1, adata.n_obs)
     if not np.isfinite(resolution) or resolution <= 0:
         raise ParameterError(f"resolution must be > 0, got {resolution!r}")
+    a, info = neighbour_graph(adata, seed=seed, n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors,
+                              scale=scale)
+    start = time.perf_counter()
+    labels, resolution, calls = leiden_on_graph(a, n_clusters, resolution=resolution, seed=seed)
+    info.update(time_leiden=time.perf_counter() - start, resolution=float(resolution),
+                n_clusters_found=int(labels.max() + 1), n_leiden_calls=calls)
+    return labels, info
+
+
+def neighbour_graph(adata: ad.AnnData, *, seed: int = 0, n_top_genes: int = 2000, n_pcs: int = 50,
+                    n_neighbors: int = 15, scale: bool = True) -> tuple[ad.AnnData, dict]:
+    """A new AnnData with scanpy's kNN graph on the PCA of ``adata``'s raw counts (input untouched),
+    ready for :func:`leiden_on_graph`; several Leiden runs can share it. Returns it and
+    info (time_preprocess, time_pca, time_neighbors in seconds)."""
+    import scanpy as sc
+
     _check_int("n_neighbors", n_neighbors, 2)
     a, info = _preprocess_pca(adata, seed=seed, n_top_genes=n_top_genes, n_pcs=n_pcs, scale=scale)
     start = time.perf_counter()
@@ -107,11 +121,7 @@ def scanpy_leiden(adata: ad.AnnData, n_clusters: int | None = None, *, resolutio
         warnings.simplefilter("ignore")
         sc.pp.neighbors(a, n_neighbors=min(n_neighbors, a.n_obs - 1), random_state=seed)
     info["time_neighbors"] = time.perf_counter() - start
-    start = time.perf_counter()
-    labels, resolution, calls = leiden_on_graph(a, n_clusters, resolution=resolution, seed=seed)
-    info.update(time_leiden=time.perf_counter() - start, resolution=float(resolution),
-                n_clusters_found=int(labels.max() + 1), n_leiden_calls=calls)
-    return labels, info
+    return a, info
 
 
 def leiden_on_graph(a: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 1.0, seed: int = 0):
