@@ -142,6 +142,11 @@ def test_zinb_gradients_match_autograd():
     # gradients are ~1e-3 here; autograd's softplus is exactly linear past 20, ours off by exp(-20) relative
     for got, want in zip(torch.autograd.grad(ours * 3.0, leaves), torch.autograd.grad(ref * 3.0, leaves)):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+    # transposed (non-contiguous) inputs give the transposed gradients
+    t_leaves = [leaf.detach().T.requires_grad_() for leaf in leaves]
+    for got, want in zip(torch.autograd.grad(zinb_nll(x.T, *t_leaves), t_leaves),
+                         torch.autograd.grad(_zinb_nll_autograd(x, *leaves), leaves)):
+        torch.testing.assert_close(got, want.T, rtol=1e-7, atol=1e-10)
     benign = [torch.tensor(rng.gamma(2.0, 1.0, (6, 5)), requires_grad=True),
               torch.tensor(rng.gamma(2.0, 1.0, (6, 5)), requires_grad=True),
               torch.tensor(rng.normal(size=(6, 5)), requires_grad=True)]

@@ -85,7 +85,10 @@ class _ZINBNLL(torch.autograd.Function):
         u = nb_zero - pi_logit
         case_zero = F.softplus(u).sub_(softplus_neg_pi)  # log(pi + (1 - pi) NB(0))
         at = torch.nonzero(x.reshape(-1) >= 0.5).squeeze(1)
-        g = lambda t: t.reshape(-1).index_select(0, at)  # noqa: E731  (flat gather at the non-zero counts)
+
+        def g(t):  # the entries at the non-zero counts, flat
+            return t.reshape(-1).index_select(0, at)
+
         xs, th, ms = g(x), g(theta), g(mu)
         # x > 0: log(1 - pi) + log NB(x), log(1 - pi) = -(softplus(-pi_logit) + pi_logit)
         case_nonzero = (-(g(softplus_neg_pi) + g(pi_logit)) + g(nb_zero) + xs * (torch.log(ms + _EPS) - g(log_theta_mu))
@@ -102,17 +105,16 @@ class _ZINBNLL(torch.autograd.Function):
         s = torch.sigmoid(u).mul_(scale)  # d case_zero / d nb_zero, scaled
         ratio = theta / theta_mu
         # d nb_zero / d theta = log theta - log(theta + mu) + theta / (theta + eps) - theta / (theta + mu + eps)
-        d_theta = (theta / (theta + _EPS)).add_(dlog).sub_(ratio).mul_(s)
-        d_mu = ratio.mul_(s).neg_()
+        d_theta = (theta / (theta + _EPS)).add_(dlog).sub_(ratio).mul_(s).contiguous()
+        d_mu = ratio.mul_(s).neg_().contiguous()
         pi = torch.sigmoid(pi_logit)
-        d_pi = (1.0 - pi).mul_(scale).sub_(s)  # d case_zero / d pi_logit = (1 - pi) - sigmoid(u)
+        d_pi = (1.0 - pi).mul_(scale).sub_(s).contiguous()  # d case_zero / d pi_logit = (1 - pi) - sigmoid(u)
         # the non-zero entries: overwrite with the derivatives of their own branch
         tm = theta_mu.reshape(-1).index_select(0, at)
         ratio_nz = th / tm
-        scale_nz = scale.expand_as(xs) if scale.dim() == 0 else scale
-        d_theta.view(-1).index_copy_(0, at, scale_nz * (
+        d_theta.view(-1).index_copy_(0, at, scale * (
             th / (th + _EPS) + dlog.reshape(-1).index_select(0, at) - ratio_nz - xs / tm
             + torch.digamma(xs + th) - torch.digamma(th)))
-        d_mu.view(-1).index_copy_(0, at, scale_nz * (xs / (ms + _EPS) - xs / tm - ratio_nz))
-        d_pi.view(-1).index_copy_(0, at, -scale_nz * pi.reshape(-1).index_select(0, at))  # d log(1 - pi) = -pi
+        d_mu.view(-1).index_copy_(0, at, scale * (xs / (ms + _EPS) - xs / tm - ratio_nz))
+        d_pi.view(-1).index_copy_(0, at, -scale * pi.reshape(-1).index_select(0, at))  # d log(1 - pi) = -pi
         return None, d_mu, d_theta, d_pi
