@@ -27,7 +27,7 @@ from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
 from .checkpoint import PHASES, Checkpointer, fingerprint_arrays
 from .preprocess import GeneStats, Prepared, expand_to_cells, prepare, principal_axes
 from .train import Stage2, TrainConfig, hash_cells, sorted_orders, token_features, train_indexer
-from .validate import check_adata, check_params, is_int, one_line, resolve
+from .validate import check_adata, check_params, check_seed, is_int, one_line, resolve
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
@@ -83,6 +83,7 @@ class SCHashFormer:
                                  ("checkpoint_every", checkpoint_every, 0)):
             if not is_int(value) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_seed(seed)
         self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
         self.n_clusters_ = n_clusters  # the K used: None until fit estimates it when not given
         self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
@@ -127,6 +128,8 @@ class SCHashFormer:
                                  "(or None to estimate it)")
         if known_k and self.n_clusters > adata.n_obs:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
+        if not known_k:  # a resolution too high for this many cells would collapse K to 2 after training
+            n_clusters_mod.check_resolution_for(self.resolution, adata.n_obs, self.config.graph_neighbors)
         if resume and self.checkpoint_dir is None:
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         # stats given = training on the subsample of a larger input (streaming.fit_out_of_core)
