@@ -27,7 +27,7 @@ from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
 from .checkpoint import PHASES, Checkpointer, fingerprint_arrays
 from .preprocess import GeneStats, Prepared, expand_to_cells, prepare, principal_axes
 from .train import Stage2, TrainConfig, hash_cells, sorted_orders, token_features, train_indexer
-from .validate import check_adata, check_params, check_seed, is_int, one_line, resolve
+from .validate import check_adata, check_params, check_seed, is_int, one_line, resolve, warn_narrow
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
@@ -151,6 +151,7 @@ class SCHashFormer:
             data = CellData(prep, batch_index, len(self.batch_categories_), device)
         self.stats_ = prep.stats
         n_batches = data.n_batches
+        warn_narrow(cfg, prep.n_genes, prep.n_cells)
 
         ckpt = self._checkpointer(prep, data, device, rng)
         state = ckpt.load() if ckpt is not None and resume else None

@@ -92,3 +92,21 @@ def one_line(exc: BaseException) -> str:
     """``Type: first line of the message`` of a library exception, for a one-line error."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+
+
+def warn_narrow(config: TrainConfig, n_genes: int, n_cells: int) -> None:
+    """Warn (before training) when there are fewer genes or cells than principal components asked for.
+
+    ``token_pcs`` / ``input_pcs`` are capped at min(genes, cells), so the stage-2 tokens, and with
+    ``token_residual`` the embedding, come out narrower than hash_latent + token_pcs.
+    """
+    import warnings
+
+    limit = min(n_genes, n_cells)
+    for name in ("token_pcs", "input_pcs"):
+        asked = getattr(config, name)
+        if asked > limit:
+            what = f"the embedding has {config.hash_latent + limit} columns, not {config.hash_latent + asked}" \
+                if name == "token_pcs" and config.token_residual else "the projection is narrower"
+            warnings.warn(f"{name}={asked} exceeds the {n_genes} genes x {n_cells} cells kept; only {limit} principal "
+                          f"components are used, so {what}", UserWarning, stacklevel=3)
