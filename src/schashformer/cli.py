@@ -206,8 +206,8 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
     taken = [f"{where}['{key}']" for where, key in (("obs", "schashformer"), ("obsm", "X_schashformer"),
                                                      ("uns", "schashformer")) if key in getattr(adata, where)]
     if taken and model is None:  # e.g. a result.h5ad clustered again: the input file itself is never changed
-        log.warning("the input already holds the results of an earlier run (%s); they are replaced in %s",
-                    ", ".join(taken), out / "result.h5ad")
+        _warn(f"the input already holds the results of an earlier run ({', '.join(taken)}); they are replaced in "
+              f"{out / 'result.h5ad'} (the input file is not changed)")
     if model is not None:
         tl.write_results(adata, model, labels_key=labels_key, batch_key=batch_key, layer=layer)
     else:
@@ -316,10 +316,14 @@ def _print_report(report: dict, out: Path) -> None:
 _default_showwarning = warnings.showwarning
 
 
+def _warn(message: str) -> None:
+    print(f"schashformer: warning: {message}", file=sys.stderr)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """The package's own UserWarnings as one line, like the errors; other warnings as Python shows them."""
     if category is UserWarning and f"{os.sep}schashformer{os.sep}" in str(filename):
-        print(f"schashformer: warning: {message}", file=sys.stderr)
+        _warn(str(message))
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -349,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     with warnings.catch_warnings(), interrupt.signals_raise():
         warnings.showwarning = _show_warning
+        warnings.filterwarnings("always", category=UserWarning, module=r"schashformer\.")  # every run shows its own
         return _main(args, argv)
 
 
@@ -356,8 +361,6 @@ def _main(args, argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     checkpoint = None  # OUT/.checkpoint of the commands that train, for the message on Ctrl-C / SIGTERM
     try:
-        from . import io
-
         from . import cli_analysis
 
         if args.command in cli_analysis.COMMANDS:  # annotate, evaluate: their own output files
@@ -373,11 +376,11 @@ def _main(args, argv: list[str]) -> int:
         out = Path(args.out)
         params = _parse_params(getattr(args, "param", None))
         _preflight(args, params)  # every parameter, before anything is read or written
-        check_out_dir(out, args.overwrite, args.resume)  # fail before any work
-        outdir.check_writable(out)
+        outdir.check_writable(out)  # fail before any work
         with outdir.OutLock(out):  # held until the results are in place: a second run on out is refused
-            outdir.recover(out, RESULT_FILES + (CHECKPOINT_DIR,))  # a run killed while swapping results
-            check_out_dir(out, args.overwrite, args.resume)
+            for line in outdir.recover(out, RESULT_FILES + (CHECKPOINT_DIR,)):  # a run killed while swapping results
+                _warn(line)
+            check_out_dir(out, args.overwrite, args.resume)  # after recovery: restored results need --overwrite
             checkpoint = out / CHECKPOINT_DIR
             return _run(args, argv, out, params)
     except SCHashFormerError as exc:

@@ -77,8 +77,13 @@ class OutLock:
         self.out = Path(out)
         self.path = lock_path(self.out)
         self.fd: int | None = None
+        self.created: list[Path] = []  # parent folders made for the lock file, removed again if left empty
 
     def acquire(self) -> "OutLock":
+        folder = self.path.parent
+        while not folder.exists():
+            self.created.append(folder)
+            folder = folder.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -88,6 +93,7 @@ class OutLock:
                 os.close(fd)
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
+                self._remove_created()
                 raise OutputExistsError(f"--out {self.out} is in use by another scHashFormer run "
                                         f"({self._owner()}); wait for it to finish or choose another --out") from None
             try:  # the holder may have removed the file between our open and flock: lock the current one
@@ -118,6 +124,15 @@ class OutLock:
             pass
         os.close(self.fd)
         self.fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # deepest first; one that now holds results stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
 
     def __enter__(self) -> "OutLock":
         return self.acquire()
@@ -137,7 +152,7 @@ def recover(out: Path, names: tuple[str, ...]) -> list[str]:
     """Clean up after a run killed while publishing into ``out``; call it holding :class:`OutLock`.
 
     ``names``: the file names a results folder may hold (results and the checkpoint folder).
-    Returns one line per action taken (also logged).
+    Returns one line per action taken, for the caller to print.
     """
     out = Path(os.path.abspath(out))
     parent = out.parent
@@ -160,6 +175,4 @@ def recover(out: Path, names: tuple[str, ...]) -> list[str]:
         if partial.is_dir() and _only_results(partial, names):
             shutil.rmtree(partial)
             done.append(f"removed {partial}, the unfinished results of a killed run")
-    for line in done:
-        log.warning("%s", line)
     return done
