@@ -529,13 +529,16 @@ def _check_orientation(path: Path, counts: sp.csr_matrix) -> None:
     """Refuse (unless transpose is given) a table whose rows look like genes rather than cells.
 
     Cells' library sizes vary little (sd of log1p totals 0.3-1.0 on the shared data sets) while
-    genes' totals span orders of magnitude (sd 1.1-4.1); the spread of the row totals is at most
-    0.97x that of the column totals on every shared data set and 1.3-6x when transposed.
+    genes' totals span orders of magnitude (sd 1.1-4.1). On random 20-2000 x 20-2000 samples of the
+    13 shared data sets no table the right way round was refused, and 35 of 52 transposed ones were
+    (not Klein's pre-selected genes, whose totals vary like its cells'). Empty rows and columns are
+    left out of the spreads.
     """
-    if min(counts.shape) < ORIENTATION_MIN or not counts.nnz:
+    if min(counts.shape) < ORIENTATION_MIN or counts.nnz < ORIENTATION_MIN:
         return
-    rows = np.log1p(np.asarray(counts.sum(1), dtype=np.float64).ravel()).std()
-    cols = np.log1p(np.asarray(counts.sum(0), dtype=np.float64).ravel()).std()
+    row_totals, col_totals = (np.asarray(counts.sum(axis), dtype=np.float64).ravel() for axis in (1, 0))
+    # empty cells and genes say nothing about the orientation (and would inflate the spread)
+    rows, cols = (np.log1p(t[t > 0]).std() for t in (row_totals, col_totals))
     if rows > 1.0 and rows > ORIENTATION_RATIO * cols:
         raise InputError(f"{path}: the rows look like genes, not cells (row totals vary {rows / max(cols, 1e-9):.1f}x "
                          f"more than column totals, sd {rows:.2f} against {cols:.2f} in log counts); pass --transpose "
