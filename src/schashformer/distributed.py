@@ -578,11 +578,11 @@ class _Stage2Loss(nn.Module):
         c = self.cfg.chunk_size
         z = self.encoder(x, mask, n_query=c)[mask[:, -c:]]
         zinb = zinb_nll(counts, *self.decoder(z, sf, onehot))
-        loss = self.cfg.beta * zinb
+        loss = self.cfg.w_zinb_stage2 * zinb
         kl = None
         if self.head is not None:
             kl = kl_loss(p, self.head(z))
-            loss = loss + self.cfg.alpha * kl
+            loss = loss + self.cfg.w_kl * kl
         # share = this rank's fraction of the batch's query cells: the losses are means over cells
         return self.world * share * loss, zinb.detach(), None if kl is None else kl.detach()
 

@@ -68,8 +68,8 @@ class TrainConfig:
     w_consistency: float = 0.0  # stage-2 InfoNCE between two dropout passes (off: token_residual keeps z discriminative)
     # weight of the KL clustering loss: scDeepCluster's 1, not METHOD.md's 0.1 (the ZINB term is a mean per
     # entry, so 0.1 left DEC almost idle: +0.005 worm NMI at 1 with refreshes every 25 steps, docs/METHOD_CHOICES.md)
-    alpha: float = 1.0
-    beta: float = 1.0  # weight of the ZINB loss in stage 2
+    w_kl: float = 1.0
+    w_zinb_stage2: float = 1.0  # weight of the ZINB loss in stage 2
     dropout: float = 0.1
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -435,7 +435,7 @@ class Stage2:
             z, rows = self._embed(tokens)
             counts, sf, onehot = self.data.targets(rows)
             zinb = zinb_nll(counts, *self.decoder(z, sf, onehot))
-            loss = cfg.beta * zinb
+            loss = cfg.w_zinb_stage2 * zinb
             terms = {"zinb": zinb.item()}
             if cfg.w_consistency > 0:
                 # A second pass sees other dropout noise on tokens and attention: its z must still
@@ -445,7 +445,7 @@ class Stage2:
                 terms["consistency"] = cons.item()
             if with_kl:
                 kl = kl_loss(p_all[torch.from_numpy(rows).to(z.device)], self.head(z))
-                loss = loss + cfg.alpha * kl
+                loss = loss + cfg.w_kl * kl
                 terms["kl"] = kl.item()
             _step(opt, loss, params, cfg, desc, step, checkpoint)
             if step % 10 == 0:
