@@ -209,7 +209,8 @@ def test_v74_seed_beyond_2_32_is_refused(tmp_path, capsys, no_training):
 
 @pytest.mark.parametrize("extra,pattern", [
     (["--param", "lr=nan"], r"parameter lr must be a finite number, got nan"),
-    (["--param", "alpha=inf"], r"parameter alpha must be a finite number, got inf"),
+    (["--param", "w_kl=inf"], r"parameter w_kl must be a finite number, got inf"),  # the alpha, renamed
+    (["--param", "w_kl=-1"], r"parameter w_kl must be >= 0, got -1"),
     (["--param", "input_noise=-1"], r"parameter input_noise must be >= 0, got -1"),
     (["--device", "mps"], r"device='mps' is not supported; use 'auto', 'cpu' or 'cuda'"),
     (["--device", "meta"], r"device='meta' is not supported"),
