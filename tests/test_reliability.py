@@ -82,11 +82,11 @@ def pbmc300() -> ad.AnnData:
 
 # ----------------------------------------------------------------------------- 1: --resolution
 def test_v69_resolution_too_high_for_the_cells_is_refused_before_training(pbmc300, tmp_path, capsys, no_training):
-    assert n_clusters.max_resolution(300, 15) == pytest.approx(10)  # 5 gave 25 clusters on these cells, 50 gave 2
-    n_clusters.check_resolution_for(10, 300)
-    for res in (50, 1000):
+    for res in (50, 1000):  # on these cells 5 gave 25 clusters, 50 and 1000 fell back to 2
         with pytest.raises(ParameterError, match=rf"resolution={res} is too high for 300 cells: above about 10 "):
             tl.cluster(pbmc300.copy(), resolution=res, progress=False, **TINY)
+    assert n_clusters.max_resolution(300, 15) == pytest.approx(10)
+    n_clusters.check_resolution_for(10, 300)
     pbmc300.write_h5ad(tmp_path / "pbmc300.h5ad")
     code, err = run(["cluster", tmp_path / "pbmc300.h5ad", "--resolution", "50", "--out", tmp_path / "out",
                      "--quiet", *TINY_ARGS], capsys)
@@ -235,12 +235,10 @@ def test_v75_v76_v77_api_refuses_the_same_values():
 def test_v78_second_run_on_a_locked_out_is_refused_with_the_pid(tmp_path, capsys, no_training):
     small().write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "out"
-    from schashformer.outdir import OutLock, lock_path
-
-    # another process holding the lock the way a run does (flock on .out.lock, its pid inside)
+    # another process holding the lock the way a run does (flock on .out.lock beside out, its pid inside)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, time; "
-                               f"fd = os.open({str(lock_path(out))!r}, os.O_RDWR | os.O_CREAT); "
+                               f"fd = os.open({str(tmp_path / '.out.lock')!r}, os.O_RDWR | os.O_CREAT); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); "
                                "print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
@@ -255,7 +253,9 @@ def test_v78_second_run_on_a_locked_out_is_refused_with_the_pid(tmp_path, capsys
         holder.kill()
         holder.wait()
     assert not out.exists()
-    assert lock_path(out).exists()  # left by the killed holder: holds no lock, is taken over
+    from schashformer.outdir import OutLock, lock_path
+
+    assert lock_path(out) == tmp_path / ".out.lock" and lock_path(out).exists()  # left by the killed holder: holds no lock, is taken over
     with OutLock(out):
         with pytest.raises(OutputExistsError, match=rf"process {os.getpid()}"):
             OutLock(out).acquire()
@@ -264,8 +264,6 @@ def test_v78_second_run_on_a_locked_out_is_refused_with_the_pid(tmp_path, capsys
 
 def test_v78_concurrent_runs_one_trains_the_other_is_refused_at_once(tmp_path, capsys, monkeypatch):
     """The second run on the same new folder is refused while the first trains, not after its own training."""
-    from schashformer import outdir
-
     small(60, 40).write_h5ad(tmp_path / "in.h5ad")
     out, seen = tmp_path / "out", {}
     fit = SCHashFormer.fit
@@ -278,7 +276,7 @@ def test_v78_concurrent_runs_one_trains_the_other_is_refused_at_once(tmp_path, c
     assert cli.main(cluster_argv(tmp_path / "in.h5ad", out)) == 0
     code, err = seen["second"]
     assert code == 2 and f"(process {os.getpid()})" in err, err
-    assert (out / "clusters.csv").exists() and not outdir.lock_path(out).exists()
+    assert (out / "clusters.csv").exists() and not (tmp_path / ".out.lock").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
