@@ -6,7 +6,10 @@ the sparse kNN graph of the stage-2 embedding z whose neighbours come from the h
 neighbourhoods only (:func:`schashformer.buckets.hash_knn_graph`): O(cells x heads x chunk)
 to build, near-linear to partition, and never a global kNN search. K is the number of
 communities with at least ``min_size`` cells; smaller ones (a few outlier cells) do not
-count as clusters. ``resolution`` gives finer (> 1) or coarser (< 1) clusters.
+count as clusters. ``resolution`` gives finer (> 1) or coarser (< 1) clusters. A resolution so
+high that no community could reach the minimum size (:func:`max_resolution`, 10 for 300 cells) is
+refused before training; if Leiden still leaves fewer than two communities of that size, the
+resolution is halved until it does not, with a warning (never the silent fall-back to two clusters).
 
 The alternatives measured against it are kept for the benchmark (``method=``):
 ``"silhouette"`` (k-means on a subsample of z over a range of K, the K of best silhouette).
