@@ -52,7 +52,10 @@ ROWS = {
 
 def run(argv, capsys):
     """cli.main(argv) -> (exit status, stderr)."""
-    code = cli.main([str(a) for a in argv])
+    try:
+        code = cli.main([str(a) for a in argv])
+    except KeyboardInterrupt:  # would abort the whole test session
+        pytest.fail("KeyboardInterrupt escaped cli.main: the user sees a traceback")
     return code, capsys.readouterr().err.strip()
 
 
