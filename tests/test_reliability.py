@@ -417,3 +417,35 @@ def test_v84_input_holding_results_is_not_a_python_message(tmp_path, capsys):
     assert "overwrite=True" not in err and "key_added" not in err
     assert "the input already holds the results of an earlier run (obs['schashformer']" in err
     assert (tmp_path / "result_in.h5ad").read_bytes() == before  # the input file is never changed
+
+
+@pytest.mark.slow  # a real process: ~20-40 s of imports and training on a busy machine
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_v80_real_process_signal_mid_training(sig, tmp_path):
+    from tests.conftest import FAST
+
+    simulate_counts(300, 200, seed=3).write_h5ad(tmp_path / "in.h5ad")
+    params = {**FAST, "stage1_steps": 60, "stage2_pretrain_steps": 400, "stage2_cluster_steps": 40}
+    argv = ["cluster", str(tmp_path / "in.h5ad"), "--n-clusters", "3", "--out", str(tmp_path / "out"), "--quiet",
+            "--no-umap", "--device", "cpu", "--checkpoint-every", "5",
+            *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "schashformer.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "out" / ".checkpoint" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not ckpt.exists():
+            time.sleep(0.05)
+        assert proc.poll() is None and ckpt.exists(), "no checkpoint before the run ended or within 120 s"
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1].strip()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert re.match(r"schashformer: (interrupted|terminated \(SIGTERM\)) (at|after) .* \(last checkpoint, kept in .*"
+                    r"\); resume with: schashformer cluster .* --resume$", err), err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".checkpoint"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
