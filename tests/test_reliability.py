@@ -430,7 +430,11 @@ def test_v80_real_process_signal_mid_training(sig, tmp_path):
             "--no-umap", "--device", "cpu", "--checkpoint-every", "5",
             *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "schashformer.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+    # as from a terminal: SIGINT raises KeyboardInterrupt even where this test runs with SIGINT ignored (a
+    # background job), which the child would inherit
+    entry = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from schashformer.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", entry, *argv], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "out" / ".checkpoint" / "checkpoint.pt"
     deadline = time.monotonic() + 120
