@@ -3,7 +3,9 @@
 Every case runs ``schashformer.cli.main(argv)`` in-process on tiny simulated data with few training
 steps and must end with exit 0 (results written) or 2 (refused with one ``schashformer: error:``
 line, or an argparse usage error), never a traceback or another exit status, and a refused run
-must leave nothing behind: no ``--out`` folder and no hidden lock, staging or ``.old`` folder.
+must leave nothing behind: no ``--out`` folder and no hidden lock, staging or ``.old`` folder (except a
+run whose training diverged after a checkpoint, e.g. ``lr=1e10``: it keeps ``OUT/.checkpoint`` and says so,
+as documented in docs/VALIDATION.md).
 Most cases are refused by validation before anything is read; the valid ones train a few steps.
 The plots are replaced by a stub (they are not what is fuzzed and take most of a tiny run's time).
 """
@@ -43,7 +45,8 @@ OPTIONS = {
 }
 FLAGS = ["--transpose", "--no-transpose", "--overwrite", "--resume", "--allow-noncounts", "--no-umap", "--quiet"]
 PARAM_KEYS = sorted(TrainConfig.__dataclass_fields__) + ["bogus", "lr ", ""]
-PARAM_VALUES = ["0", "1", "2", "-1", "0.5", "1e-3", "nan", "inf", "-inf", ".nan", "1e400", "99999999999999999999999",
+PARAM_VALUES = ["0", "1", "2", "-1", "0.5", "1e-3", "1e10", "-1e10", "nan", "inf", "-inf", ".nan", "1e400",
+                "99999999999999999999999",
                 "abc", "true", "false", "null", "", "[1, 2]", "{a: 1}", "kmeans", "leiden", "0x10", "1_000"]
 
 
@@ -99,7 +102,7 @@ def test_cli_fuzz_exits_0_or_2_without_traceback(inputs, tmp_path, capsys, monke
     from schashformer import cli_analysis
 
     monkeypatch.setattr(cli_analysis, "write_cluster_plots", lambda *a, **k: {})
-    outcomes = {"ok": 0, "refused": 0}
+    outcomes = {"ok": 0, "refused": 0, "diverged": 0}
     counter = iter(range(10**6))
     start = time.perf_counter()
 
@@ -120,10 +123,15 @@ def test_cli_fuzz_exits_0_or_2_without_traceback(inputs, tmp_path, capsys, monke
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
         assert leftovers == [], (full, leftovers)
         if code == 2:
-            assert not out.exists(), (full, err, sorted(p.name for p in out.iterdir()))
             errors = [line for line in err.splitlines() if "error:" in line]
             assert len(errors) == 1, (full, err)
-            outcomes["refused"] += 1
+            if "last good checkpoint" in err:  # training diverged (e.g. lr=1e10): its checkpoint is kept, by design
+                assert sorted(p.name for p in out.iterdir()) == [".checkpoint"], (full, err)
+                shutil.rmtree(out)
+                outcomes["diverged"] += 1
+            else:
+                assert not out.exists(), (full, err, sorted(p.name for p in out.iterdir()))
+                outcomes["refused"] += 1
         else:
             assert (out / "clusters.csv").is_file(), full
             shutil.rmtree(out)
@@ -131,7 +139,7 @@ def test_cli_fuzz_exits_0_or_2_without_traceback(inputs, tmp_path, capsys, monke
 
     case()
     seconds = time.perf_counter() - start
-    print(f"cli fuzz: {sum(outcomes.values())} cases ({outcomes['ok']} ran, {outcomes['refused']} refused) "
-          f"in {seconds:.0f} s")
+    print(f"cli fuzz: {sum(outcomes.values())} cases ({outcomes['ok']} ran, {outcomes['refused']} refused, "
+          f"{outcomes['diverged']} diverged in training) in {seconds:.0f} s")
     assert sum(outcomes.values()) >= CASES
     assert outcomes["ok"] >= 5 and outcomes["refused"] >= CASES // 2  # both kinds were exercised

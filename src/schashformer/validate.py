@@ -63,6 +63,8 @@ def check_values(params: dict) -> None:
         value = params.get(name)
         if value is not None and value < 0:
             raise ParameterError(f"parameter {name} must be >= 0, got {value!r}")
+    if params.get("graph_neighbors") is not None and params["graph_neighbors"] < 1:  # a graph without edges
+        raise ParameterError(f"parameter graph_neighbors must be >= 1, got {params['graph_neighbors']!r}")
 
 
 def check_seed(seed) -> None:
