@@ -22,7 +22,7 @@ import pytest
 import scipy.sparse as sp
 
 from schashformer import SCHashFormer, cli, io, n_clusters, tl
-from schashformer.errors import InputError, OutputError, OutputExistsError, ParameterError
+from schashformer.errors import InputError, OutputExistsError, ParameterError
 from tests.conftest import DATA, simulate_counts
 from tests.test_validation import TINY, TINY_ARGS, small
 
@@ -239,12 +239,11 @@ def test_v78_second_run_on_a_locked_out_is_refused_with_the_pid(tmp_path, capsys
     small().write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "out"
     # another process holding the lock the way a run does (flock on .out.lock beside out, its pid inside)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, time; "
-                               f"fd = os.open({str(tmp_path / '.out.lock')!r}, os.O_RDWR | os.O_CREAT); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); "
-                               "print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+    script = ("import fcntl, os, time; "
+              f"fd = os.open({str(tmp_path / '.out.lock')!r}, os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); "
+              "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         for extra in ([], ["--overwrite"]):
@@ -389,8 +388,8 @@ def test_v82_cells_with_zero_counts_are_reported(tmp_path, capsys):
     code, err = run(cluster_argv(tmp_path / "zeros.h5ad", tmp_path / "out"), capsys)
     assert code == 0
     lines = [line for line in err.splitlines() if "zero counts" in line]
-    assert lines == ["schashformer: warning: 30 of 70 cells have zero counts (e.g. 'c0'); they are not clustered: "
-                     "label -1 (empty in clusters.csv) and a zero embedding"], err
+    assert lines == [("schashformer: warning: 30 of 70 cells have zero counts (e.g. 'c0'); they are not clustered: "
+                      "label -1 (empty in clusters.csv) and a zero embedding")], err
     labels = pd.read_csv(tmp_path / "out" / "clusters.csv")["schashformer"]
     assert labels[:30].isna().all() and labels[30:].notna().all()
 

@@ -79,7 +79,7 @@ class OutLock:
         self.fd: int | None = None
         self.created: list[Path] = []  # parent folders made for the lock file, removed again if left empty
 
-    def acquire(self) -> "OutLock":
+    def acquire(self) -> OutLock:
         folder = self.path.parent
         while not folder.exists():
             self.created.append(folder)
@@ -134,7 +134,7 @@ class OutLock:
                 break
         self.created = []
 
-    def __enter__(self) -> "OutLock":
+    def __enter__(self) -> OutLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
