@@ -22,7 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import schashformer as shf
 from schashformer import distributed as D
-from schashformer.preprocess import _log_normalise, _select_genes, prepare
+from schashformer.preprocess import log_normalise, _select_genes, prepare
 from tests.conftest import simulate_counts
 
 # Short training at the default architecture: the point is agreement between 1 and 2 processes.
@@ -76,7 +76,7 @@ def test_seurat_hvg_from_sums_matches_scanpy():
     adata = simulate_counts(n_cells=400, n_genes=3000, seed=7)
     x = sp.csr_matrix(adata.X, dtype=np.float32)
     total = np.asarray(x.sum(1)).ravel()
-    logn = _log_normalise(x[total > 0], total[total > 0])
+    logn = log_normalise(x[total > 0], total[total > 0])
     detected = np.flatnonzero(np.diff(logn.tocsc().indptr) > 0)
     e = logn[:, detected].copy()
     np.expm1(e.data, out=e.data)

@@ -33,7 +33,7 @@ RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png", "conf
 CHECKPOINT_DIR = ".checkpoint"  # inside --out: the training state of an unfinished run
 
 
-def _parse_params(items: list[str]) -> dict:
+def parse_params(items: list[str]) -> dict:
     """``--param key=value`` pairs, values parsed as YAML scalars (numbers, booleans, null)."""
     params = {}
     for item in items or []:
@@ -50,7 +50,7 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="schashformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -232,7 +232,7 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
         model.save(staging / MODEL_DIR)  # `schashformer annotate --reference OUT` maps new cells with it
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_h5ad(adata, staging / "result.h5ad")
-        (staging / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
+        (staging / "metrics.json").write_text(json.dumps(jsonable(report), indent=2))
     return report
 
 
@@ -278,11 +278,11 @@ def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device:
                        **run)
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -290,7 +290,7 @@ def _jsonable(obj):
     return obj
 
 
-def _print_report(report: dict, out: Path) -> None:
+def print_report(report: dict, out: Path) -> None:
     m = report["metrics"]
     if report.get("n_clusters_estimated"):
         print(f"estimated number of clusters: {report['n_clusters']}")
@@ -303,7 +303,7 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "cluster" and args.nproc != 1:
         if args.nproc < 1:
             print(f"schashformer: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
@@ -336,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
             print("the recorded result holds no labels to compare" if same is None else
                   f"labels {'identical to' if same else 'differ from'} the recorded run"
                   + ("" if same else f" ({report['rerun']['n_cells_differing']} cells)"))
-            _print_report(report, out)
+            print_report(report, out)
             return 0
         if args.command == "cluster":
-            params = _parse_params(args.param)
+            params = parse_params(args.param)
             if cli_scale.wants_out_of_core(args, params.get("train_cells")):  # stream a large .h5ad
                 report = cli_scale.run_cluster_out_of_core(args, out, params)
-                _print_report(report, out)
+                print_report(report, out)
                 return 0
         start = time.perf_counter()
         if args.command == "demo":
@@ -357,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         report = run_cluster(adata, n_clusters=n_clusters, resolution=resolution, out=out, labels_key=labels_key,
                              batch_key=args.batch_key, layer=args.layer, n_top_genes=args.n_top_genes,
                              seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
-                             params=_parse_params(args.param), overwrite=args.overwrite, umap=not args.no_umap,
+                             params=parse_params(args.param), overwrite=args.overwrite, umap=not args.no_umap,
                              progress=not args.quiet, input_name=str(name), source=source,
                              read_seconds=time.perf_counter() - start, resume=args.resume,
                              checkpoint_every=args.checkpoint_every)
-        _print_report(report, out)
+        print_report(report, out)
         return 0
     except SCHashFormerError as exc:
         print(f"schashformer: error: {exc}", file=sys.stderr)
