@@ -337,6 +337,8 @@ class DistComm(Comm):
         return allgather(self.ctx, a)
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:  # nothing to gather (and no extra autograd node: gradients sum in the same order)
+            return t
         sizes = allgather(self.ctx, np.array([len(t)], np.int64)).tolist()
         return GatherRows.apply(t, sizes, self.rank)
 
@@ -358,7 +360,11 @@ class DistComm(Comm):
         flat = flat.to(used[0].device)
         offset = 0
         for p in used:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            summed = flat[offset:offset + p.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = summed.clone()
+            else:  # in place: the gradient keeps its memory layout, so clipping sums in the same order
+                p.grad.copy_(summed)
             offset += p.numel()
 
     def barrier(self) -> None:

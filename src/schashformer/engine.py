@@ -605,7 +605,18 @@ def fit(prep: Prepared, data: CellData, cfg: TrainConfig, *, n_clusters: int | N
     stage : ``stage(name)`` context manager timing each stage (None: untimed).
     on_codes : called with every cell's codes once stage 1 is done (warnings, bucket statistics).
     """
-    stage = stage or (lambda name: nullcontext())
+    # torch's global generator drives initialisation and dropout: seeded here for a reproducible fit,
+    # and the caller's state is restored afterwards (a fit never moves the user's random numbers)
+    devices = [data.device] if data.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _fit(prep, data, cfg, n_clusters=n_clusters, resolution=resolution, seed=seed, rng=rng, comm=comm,
+                    checkpoint=checkpoint, state=state, progress=progress, stage=stage or (lambda name: nullcontext()),
+                    on_codes=on_codes)
+
+
+def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint, state, progress, stage,
+         on_codes) -> FitResult:
     device = data.device
     home = np.concatenate([[0], np.cumsum(comm.allgather(np.array([data.n_cells])))]).astype(np.int64)
     n_total = int(home[-1])

@@ -125,7 +125,6 @@ class SCHashFormer:
         resources.check_fits(resources.fit_bytes(counts, self.n_clusters or n_clusters_mod.MEMORY_K, cfg),
                              f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
                              "free memory, use a machine with more, or cluster a subset of the cells")
-        self._seed_everything()
         rng = np.random.default_rng(self.seed)
         self.timings_ = {}
 
@@ -327,10 +326,6 @@ class SCHashFormer:
                                                   prep.stats.std, batch, prep.cell_mask,
                                                   np.asarray(prep.stats.genes, dtype=str))}
         return Checkpointer(directory, self.checkpoint_every, fingerprint, rng)
-
-    def _seed_everything(self) -> None:
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed % 2**32)
 
     @contextmanager
     def _stage(self, name: str):
