@@ -47,6 +47,7 @@ def _cli(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_agree_with_one(pbmc_subset, tmp_path):
     # one process, the ordinary path
     one = shf.io.read(pbmc_subset)
@@ -168,6 +169,7 @@ def test_one_rank_reproduces_the_local_loss_history_step_for_step(one_rank, extr
     assert dist_model.n_clusters_ == local.n_clusters_
 
 
+@pytest.mark.slow
 def test_distributed_fit_resumes_bit_exactly(one_rank, tmp_path, monkeypatch):
     """A multi-process fit checkpoints per rank (``rank-R-of-W``) and resumes: a fit stopped right
     after a mid-stage-2 checkpoint and resumed ends with the labels of an uninterrupted one."""

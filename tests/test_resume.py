@@ -39,6 +39,7 @@ def read_state(path: Path) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume(tmp_path):
     simulate_counts(300, 200, seed=3).write_h5ad(tmp_path / "in.h5ad")
     params = [a for k, v in KILL_PARAMS.items() for a in ("--param", f"{k}={v}")]
@@ -86,6 +87,7 @@ class Stop(Exception):
     """Stands for a kill right after a checkpoint was written."""
 
 
+@pytest.mark.slow
 def test_resume_from_every_checkpoint(tmp_path, monkeypatch):
     adata = simulate_counts(150, 100, seed=2)
     adata.obs["batch"] = np.where(np.arange(150) % 3, "a", "b")  # the batch covariate is part of the state too
