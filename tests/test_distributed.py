@@ -1,4 +1,4 @@
-"""Distributed training (issue 7): torch.distributed + DDP, launched by torchrun, gloo on the CPU.
+"""Distributed training (issues 7, 18): the one engine over torch.distributed, launched by torchrun, gloo on the CPU.
 
 The main test runs ``schashformer cluster --nproc 2`` (two gloo processes on this machine) on
 1500 real PBMC cells and compares its labels with a one-process fit of the same parameters.

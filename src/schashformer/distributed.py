@@ -1,38 +1,30 @@
-"""Multi-process training on ``torch.distributed``: DistributedDataParallel, launched by ``torchrun``.
+"""Multi-process training on ``torch.distributed``, launched by ``torchrun``: launch, sharding, collectives.
 
 One process per rank (a GPU with the nccl backend, ``LOCAL_RANK`` picking the GPU, or a CPU
-process with gloo). The data flow follows the single-process fit step by step; what changes
-is where each cell lives and which numbers are reduced across ranks:
+process with gloo). The training itself is the one-process engine (:func:`schashformer.engine.fit`);
+this module supplies what distribution changes, and nothing else:
 
 1. **Shards.** Rank r reads rows ``[r N / W, (r + 1) N / W)`` of the input only (``.h5ad``:
    anndata backed mode; X/Y ``.h5``: an h5py row slice; other formats are read whole and
    sliced). A cell's *home* is the rank that read it.
-2. **Gene statistics** are identical on every rank: per-shard sufficient statistics
-   (detections, sums and squared sums of the normalised expression, the genes x genes Gram
-   matrix for the principal axes) are all-reduced, the per-cell library sizes all-gathered
-   for the size-factor median, and the seurat-flavour highly variable genes are computed
-   from the reduced sums (:func:`seurat_hvg`, the same arithmetic as scanpy's).
-3. **Stage 1.** Every rank draws the *same global* minibatch from a generator seeded alike
-   (global row ids, plus the masking and noise of the whole batch) and computes its own
-   rows. The ZINB term is a sum over cells (each rank adds its share); the in-batch terms
-   (contrastive, bit balance, quantisation) need the whole batch, so the small hash
-   embeddings h (batch x heads x bits) are all-gathered. DDP averages the gradients, so a
-   step is the single-process step up to rounding and dropout masks.
-4. **Sort and chunk.** Hash codes (a few ints per cell) are all-gathered; every rank computes
-   the same global sorted order per hash head. The sorted order is cut into W contiguous
-   ranges of whole chunks; rank r owns the chunks that start in its range and fetches the
-   tokens, counts and size factors of those cells (plus a halo of one chunk on each side for
-   the look-back and the shifted chunk borders) from their home ranks with ``all_to_all``.
-   A chunk's tokens therefore always sit on one rank: attention needs no communication.
-5. **Stage 2.** The global chunk batches are drawn from the shared generator (as in one
-   process); each rank computes the chunks it owns; DDP averages the gradients.
-6. **Clustering.** z of every cell is sent home; k-means runs on rank 0 on all z (or a
-   uniform subsample of :data:`KMEANS_MAX_CELLS`) and the centres are broadcast; the DEC
-   cluster frequencies f_j = sum_i q_ij are all-reduced, so the target P is the global one.
-7. **Result.** Rank 0 gathers labels, embeddings and codes and writes one result, the same
-   files as ``schashformer cluster``.
+2. **Collectives** (:class:`DistComm`, the engine's :class:`~schashformer.engine.Comm`): sums,
+   gathers, broadcasts and the gradient all-reduce. With them the gene statistics
+   (:func:`schashformer.preprocess.prepare`'s per-gene sums), principal axes, token scale, view
+   noise, cluster frequencies and reported losses are the global ones; every rank draws the same
+   global batches from generators seeded alike and computes the rows or chunks it holds, and the
+   summed gradients are those of the whole batch.
+3. **Rank-owned chunks** (:class:`ShardedChunks`). Hash codes are all-gathered; every rank
+   computes the same global sorted order per head, cut into W contiguous ranges of whole
+   chunks; rank r owns the chunks that start in its range and fetches the tokens, counts and
+   size factors of those cells (plus a halo of one chunk on each side for the look-back and the
+   shifted chunk borders) from their home ranks with ``all_to_all``. A chunk's tokens always
+   sit on one rank: attention needs no communication.
+4. **Result.** Rank 0 gathers labels, embeddings and codes and writes one result, the same
+   files as ``schashformer cluster``. Each rank checkpoints its own state
+   (``OUT/.checkpoint/rank-R-of-W``), so ``--resume`` works as in one process.
 
-Launch: ``schashformer cluster IN --n-clusters K --out DIR --nproc N`` (one node) or
+A one-rank group reproduces the one-process fit loss for loss (tests/test_distributed.py).
+Launch: ``schashformer cluster IN --out DIR --nproc N`` (one node) or
 ``torchrun ... -m schashformer.distributed cluster IN ...`` (several nodes); see
 docs/DISTRIBUTED.md for the design, launch commands and measured figures.
 """
@@ -226,7 +218,7 @@ class GatherRows(torch.autograd.Function):
     backward returns this rank's slice of the gradient only.
 
     Every rank computes the same loss of the gathered tensor and multiplies it by the world
-    size; DDP's gradient average then sums each rank's share, which is the full gradient.
+    size; the summed gradients (:meth:`DistComm.reduce_gradients`) are then the full gradient.
     """
 
     @staticmethod
