@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from schashformer import io
-from schashformer.cli import _print_report, run_cluster
+from schashformer.cli import print_report, run_cluster
 from schashformer.errors import InputError, SCHashFormerError
 
 ROOT = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                              overwrite=args.overwrite, progress=not args.quiet, input_name=str(data),
                              source={"path": data, "format": cfg.get("format")}, read_seconds=time.perf_counter() - start,
                              resume=args.resume)
-        _print_report(report, out)
+        print_report(report, out)
         return 0
     except SCHashFormerError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)

@@ -46,3 +46,11 @@ def simulate_counts(n_cells=300, n_genes=200, n_types=3, seed=0, dispersion=5.0)
 @pytest.fixture
 def sim() -> ad.AnnData:
     return simulate_counts()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the shared real data train on it: they run in the full suite (``bash .ci/run --full``,
+    what CI runs), not in the fast lane (``-m "not slow"``, the default of ``bash .ci/run``)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -12,7 +12,8 @@ from schashformer.errors import ParameterError
 from schashformer.nn import LSHIndexer, NeighbourhoodEncoder
 from schashformer.nn.local_attention import LocalAttention
 from schashformer.preprocess import prepare
-from schashformer.train import TrainConfig, train_indexer
+from schashformer.engine import hashing_phase, run_phase
+from schashformer.train import TrainConfig
 from tests.conftest import FAST, simulate_counts
 
 # Few steps: mild input noise (the default sd 2.5 needs the full step count, as for scHashFormer
@@ -84,7 +85,8 @@ def test_stage1_loss_weights(w_zinb, w_contrastive):
     indexer = LSHIndexer(prep.n_genes, 32, 16, 2, 4)
     before = {k: v.clone() for k, v in indexer.decoder.state_dict().items()}
     cfg = TrainConfig(stage1_steps=11, stage1_batch=64, w_zinb=w_zinb, w_contrastive=w_contrastive)
-    history = train_indexer(indexer, data, cfg, np.random.default_rng(0), progress=False)
+    history = []
+    run_phase(hashing_phase(indexer, data, cfg, np.random.default_rng(0)), history, cfg, progress=False)
     for h in history:
         expected = (w_zinb * h["zinb"] + w_contrastive * h["contrastive"] + cfg.w_balance * h["balance"]
                     + cfg.w_quantisation * h["quantisation"])

@@ -1,4 +1,4 @@
-"""Distributed training (issue 7): torch.distributed + DDP, launched by torchrun, gloo on the CPU.
+"""Distributed training (issues 7, 18): the one engine over torch.distributed, launched by torchrun, gloo on the CPU.
 
 The main test runs ``schashformer cluster --nproc 2`` (two gloo processes on this machine) on
 1500 real PBMC cells and compares its labels with a one-process fit of the same parameters.
@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,8 +23,8 @@ from sklearn.metrics import adjusted_rand_score
 
 import schashformer as shf
 from schashformer import distributed as D
-from schashformer.preprocess import _log_normalise, _select_genes, prepare
-from tests.conftest import simulate_counts
+from schashformer.preprocess import GeneSums, log_normalise, prepare, select_genes
+from tests.conftest import FAST, simulate_counts
 
 # Short training at the default architecture: the point is agreement between 1 and 2 processes.
 PARAMS = dict(stage1_steps=40, stage1_batch=256, stage2_pretrain_steps=20, stage2_cluster_steps=30,
@@ -46,6 +47,7 @@ def _cli(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_agree_with_one(pbmc_subset, tmp_path):
     # one process, the ordinary path
     one = shf.io.read(pbmc_subset)
@@ -73,19 +75,19 @@ def test_two_gloo_processes_agree_with_one(pbmc_subset, tmp_path):
 
 
 def test_seurat_hvg_from_sums_matches_scanpy():
+    """Genes selected from per-gene sums of two shards, added (what all_reduce does), are scanpy's."""
+    import scanpy as sc
+
     adata = simulate_counts(n_cells=400, n_genes=3000, seed=7)
     x = sp.csr_matrix(adata.X, dtype=np.float32)
     total = np.asarray(x.sum(1)).ravel()
-    logn = _log_normalise(x[total > 0], total[total > 0])
+    logn = log_normalise(x[total > 0], total[total > 0])
+    sums = GeneSums.of(logn[:200]) + GeneSums.of(logn[200:])
     detected = np.flatnonzero(np.diff(logn.tocsc().indptr) > 0)
-    e = logn[:, detected].copy()
-    np.expm1(e.data, out=e.data)
-    halves = [e[: e.shape[0] // 2], e[e.shape[0] // 2:]]  # sums of two shards, added: what all_reduce does
-    s1 = sum(np.asarray(h.sum(0, dtype=np.float64)).ravel() for h in halves)
-    s2 = sum(np.asarray(h.multiply(h).sum(0, dtype=np.float64)).ravel() for h in halves)
     for n_top in (300, 2000):
-        ours = detected[D.seurat_hvg(e.shape[0], s1, s2, n_top)]
-        np.testing.assert_array_equal(ours, _select_genes(logn, n_top))
+        hvg = sc.pp.highly_variable_genes(ad.AnnData(logn[:, detected]), n_top_genes=n_top, flavor="seurat",
+                                          inplace=False)
+        np.testing.assert_array_equal(select_genes(sums, n_top), detected[np.asarray(hvg["highly_variable"], bool)])
 
 
 def _free_port() -> int:
@@ -126,12 +128,12 @@ def test_exchange_and_statistics_on_one_rank(one_rank, shared_data):
     np.testing.assert_array_equal(got.toarray(), m[want - 10].toarray())
     # the shard statistics equal the one-process ones (up to float32 rounding of the sums)
     adata = simulate_counts(n_cells=200, n_genes=300, seed=3)
-    ours, ref = D.prepare_shard(ctx, adata, n_top_genes=100), prepare(adata, n_top_genes=100)
+    ours, ref = prepare(adata, n_top_genes=100, comm=D.DistComm(ctx)), prepare(adata, n_top_genes=100)
     np.testing.assert_array_equal(ours.stats.genes, ref.stats.genes)
-    np.testing.assert_allclose(ours.stats.mean, ref.stats.mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ours.stats.std, ref.stats.std, rtol=1e-5)
+    np.testing.assert_array_equal(ours.stats.mean, ref.stats.mean)
+    np.testing.assert_array_equal(ours.stats.std, ref.stats.std)
     assert ours.stats.median_library == ref.stats.median_library
-    np.testing.assert_allclose(ours.size_factors, ref.size_factors, rtol=1e-6)
+    np.testing.assert_array_equal(ours.size_factors, ref.size_factors)
     assert (D.shard_bounds(10, 3) == [0, 3, 6, 10]).all()
 
 
@@ -149,3 +151,49 @@ def test_refused_input_is_one_line_on_every_rank(one_rank, tmp_path, capsys, mon
     assert D.main(argv) == 0
     assert "no such file" in (tmp_path / "error.txt").read_text()
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra", [dict(n_clusters=3), dict(n_clusters=None, w_consistency=0.05, init="leiden")])
+def test_one_rank_reproduces_the_local_loss_history_step_for_step(one_rank, extra):
+    """The same engine runs both: a one-rank torch.distributed fit (DistComm, sharded chunks) equals the
+    one-process fit, loss for loss and label for label; K estimation, Leiden init and the consistency
+    loss included."""
+    adata = simulate_counts(n_cells=300, n_genes=200, n_types=3, seed=4)
+    params = {**FAST, **extra, "n_top_genes": 150, "seed": 1, "device": "cpu", "progress": False}
+    local = shf.SCHashFormer(**params).fit(adata)
+    dist_model = D.fit(one_rank, adata.copy(), shf.SCHashFormer(**params))
+    assert [h["step"] for h in dist_model.history_] == [h["step"] for h in local.history_]
+    assert dist_model.history_ == local.history_
+    np.testing.assert_array_equal(dist_model.labels_, local.labels_)
+    np.testing.assert_array_equal(dist_model.embedding_, local.embedding_)
+    assert dist_model.n_clusters_ == local.n_clusters_
+
+
+@pytest.mark.slow
+def test_distributed_fit_resumes_bit_exactly(one_rank, tmp_path, monkeypatch):
+    """A multi-process fit checkpoints per rank (``rank-R-of-W``) and resumes: a fit stopped right
+    after a mid-stage-2 checkpoint and resumed ends with the labels of an uninterrupted one."""
+    from schashformer.checkpoint import Checkpointer
+
+    adata = simulate_counts(n_cells=240, n_genes=150, n_types=3, seed=6)
+    params = {**FAST, "n_top_genes": 120, "seed": 2, "device": "cpu", "progress": False, "checkpoint_every": 10,
+              "tol": 0.0}
+    straight = D.fit(one_rank, adata.copy(), shf.SCHashFormer(3, **params))
+    real_save = Checkpointer.save
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_pretrain(self, phase, step=0, **items):
+        real_save(self, phase, step, **items)
+        if phase == "pretrain":
+            raise Stop
+    monkeypatch.setattr(Checkpointer, "save", stop_in_pretrain)
+    with pytest.raises(Stop):
+        D.fit(one_rank, adata.copy(), shf.SCHashFormer(3, **params), checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert (tmp_path / "ck" / "rank-0-of-1" / "checkpoint.pt").exists()
+    resumed = D.fit(one_rank, adata.copy(), shf.SCHashFormer(3, **params), checkpoint_dir=tmp_path / "ck", resume=True)
+    np.testing.assert_array_equal(resumed.labels_, straight.labels_)
+    assert resumed.history_ == straight.history_
+    assert not (tmp_path / "ck" / "rank-0-of-1").exists()  # removed after the successful fit

@@ -214,12 +214,13 @@ def test_stage1_noise_is_relative_to_the_mean_absolute_input(sim):
     """The view noise sd is input_noise x mean |standardised input|, over every cell (row chunks)."""
     from schashformer.data import CellData
     from schashformer.preprocess import prepare
-    from schashformer.train import TrainConfig, _abs_input_sum, view_noise_sd
+    from schashformer.engine import abs_input_sum, view_noise_sd
+    from schashformer.train import TrainConfig
 
     prep = prepare(sim, n_top_genes=100)
     data = CellData(prep)
     dense = np.abs(prep.standardised(np.arange(prep.n_cells)))
-    total, n = _abs_input_sum(data, chunk=64)  # 300 cells: several chunks and a short last one
+    total, n = abs_input_sum(data, chunk=64)  # 300 cells: several chunks and a short last one
     assert n == dense.size and total == pytest.approx(float(dense.sum(dtype=np.float64)), rel=1e-6)
     assert view_noise_sd(data, TrainConfig(input_noise=1.0)) == pytest.approx(float(dense.mean()), rel=1e-6)
     # a shallower copy of the same cells (a tenth of the counts) has more zeros: smaller mean |input|

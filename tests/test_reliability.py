@@ -73,7 +73,7 @@ def no_training(monkeypatch):
     """Training fails the test: the refusal must come before it."""
     def fail(*a, **k):
         raise AssertionError("training started")
-    monkeypatch.setattr("schashformer.model.train_indexer", fail)
+    monkeypatch.setattr("schashformer.engine.fit", fail)
 
 
 @pytest.fixture
@@ -146,9 +146,9 @@ def test_v72_genes_x_cells_table_without_transpose_is_refused(pbmc300, tmp_path,
     assert list(back.obs_names[:3]) == list(a.obs_names[:3])
     assert io.read(tmp_path / "genes_x_cells.tsv", transpose=False).n_obs == 300  # asked for: rows are cells
     assert list(io.read(tmp_path / "cells_x_genes.tsv").obs_names[:3]) == list(a.obs_names[:3])  # right way round
-    args = cli._build_parser().parse_args(["cluster", "x.tsv", "--out", "o", "--no-transpose"])
+    args = cli.build_parser().parse_args(["cluster", "x.tsv", "--out", "o", "--no-transpose"])
     assert args.transpose is False
-    assert cli._build_parser().parse_args(["cluster", "x.tsv", "--out", "o"]).transpose is None
+    assert cli.build_parser().parse_args(["cluster", "x.tsv", "--out", "o"]).transpose is None
 
 
 # ----------------------------------------------------------------------------- 3: unwritable --out

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
-from schashformer import SCHashFormer, checkpoint, cli, train
+from schashformer import SCHashFormer, checkpoint, cli
+from schashformer.nn import losses
 from schashformer.checkpoint import Checkpointer
 from schashformer.errors import InputError, TrainingError
 from tests.conftest import FAST, simulate_counts
@@ -38,6 +39,7 @@ def read_state(path: Path) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume(tmp_path):
     simulate_counts(300, 200, seed=3).write_h5ad(tmp_path / "in.h5ad")
     params = [a for k, v in KILL_PARAMS.items() for a in ("--param", f"{k}={v}")]
@@ -85,6 +87,7 @@ class Stop(Exception):
     """Stands for a kill right after a checkpoint was written."""
 
 
+@pytest.mark.slow
 def test_resume_from_every_checkpoint(tmp_path, monkeypatch):
     adata = simulate_counts(150, 100, seed=2)
     adata.obs["batch"] = np.where(np.arange(150) % 3, "a", "b")  # the batch covariate is part of the state too
@@ -144,14 +147,14 @@ def test_resume_needs_a_checkpoint_dir():
 
 
 def nan_at(monkeypatch, call: int) -> None:
-    """Make stage 2's ZINB loss NaN at its ``call``-th evaluation (0-based)."""
-    real, calls = train.zinb_nll, []
+    """Make stage 2's loss NaN at its ``call``-th evaluation (0-based)."""
+    real, calls = losses.NeighbourhoodLoss.forward, []
 
-    def zinb(*args):
+    def forward(self, *args, **kwargs):
         calls.append(1)
-        value = real(*args)
-        return value * float("nan") if len(calls) - 1 == call else value
-    monkeypatch.setattr(train, "zinb_nll", zinb)
+        loss, terms = real(self, *args, **kwargs)
+        return (loss * float("nan"), terms) if len(calls) - 1 == call else (loss, terms)
+    monkeypatch.setattr(losses.NeighbourhoodLoss, "forward", forward)
 
 
 def test_nan_loss_names_stage_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -176,15 +179,13 @@ def test_nan_loss_names_stage_and_step_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_nan_loss_without_checkpoints_names_stage_and_step(monkeypatch):
-    from schashformer.nn import LSHIndexer
+    real, calls = losses.HashingLoss.forward, []
 
-    real, calls = LSHIndexer.losses, []
-
-    def losses(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         calls.append(1)
-        terms = real(self, *args, **kwargs)
-        return {**terms, "zinb": terms["zinb"] * float("inf")} if len(calls) == 4 else terms
-    monkeypatch.setattr(LSHIndexer, "losses", losses)
+        loss, terms = real(self, *args, **kwargs)
+        return (loss * float("inf"), terms) if len(calls) == 4 else (loss, terms)
+    monkeypatch.setattr(losses.HashingLoss, "forward", forward)
     with pytest.raises(TrainingError, match=r"^stage 1 \(hashing\), step 3: loss became inf; lower lr") as info:
         SCHashFormer(3, seed=0, progress=False, device="cpu", **SMALL).fit(simulate_counts(100, 60))
     assert "checkpoint" not in str(info.value)

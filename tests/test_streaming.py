@@ -11,9 +11,8 @@ import scipy.sparse as sp
 from schashformer import record, resources
 from schashformer.errors import InputError, ResourceError
 from schashformer.model import SCHashFormer
-from schashformer.preprocess import prepare
-from schashformer.streaming import (CountSource, chunk_logn, data_checksum, fit_out_of_core, gene_stats, scan,
-                                    select_hvg)
+from schashformer.preprocess import gene_stats, prepare, select_genes
+from schashformer.streaming import CountSource, chunk_logn, data_checksum, fit_out_of_core, scan
 
 from .conftest import FAST, simulate_counts
 
@@ -31,12 +30,12 @@ def big_sim():
 def test_streamed_gene_statistics_equal_prepare(big_sim):
     ref = prepare(big_sim, n_top_genes=50)
     st = scan(CountSource.from_anndata(big_sim), np.arange(0), chunk_rows=37)
-    cols = select_hvg(st, 50)
-    stats = gene_stats(st, cols, big_sim.var_names, ref.stats.median_library)
+    cols = select_genes(st.sums, 50)
+    stats = gene_stats(st.sums, cols, big_sim.var_names, ref.stats.median_library)
     assert list(stats.genes) == list(ref.stats.genes)
     np.testing.assert_allclose(stats.mean, ref.stats.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats.std, ref.stats.std, rtol=1e-5, atol=1e-6)
-    assert st.n_kept == 599 and not st.cell_mask[7]
+    assert st.sums.n == 599 and not st.cell_mask[7]
 
 
 def test_chunk_logn_equals_prepare(big_sim):
@@ -102,9 +101,12 @@ def test_fit_out_of_core_labels_every_cell(big_sim, tmp_path):
     truth = big_sim.obs["label"].to_numpy()
     keep = model.labels_ >= 0
     assert adjusted_rand_score(truth[keep], model.labels_[keep]) > 0.8
-    # the streamed embedding of a training cell is what the trained model gives it in memory
-    z_mem = model.transform(big_sim[model.train_rows_[:50]].copy())
-    assert z_mem.shape == (50, model.embedding_.shape[1])
+    # the streamed passes (hash, encode, assign chunk by chunk) give every cell what the trained model
+    # gives it in memory
+    z_mem = model.transform(big_sim)
+    assert z_mem.shape == model.embedding_.shape
+    np.testing.assert_allclose(z_mem, model.embedding_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(model.predict(big_sim), model.labels_)
 
 
 def test_memory_guard_refuses_before_reading(big_sim, monkeypatch):

@@ -322,7 +322,7 @@ CASES = {
             r"holds files that are not scHashFormer results \(e\.g\. 'notes\.txt'\)"),
     "V54": (lambda t, m, f: out_is_a_file(t), OutputExistsError,
             r"--out .*out exists and is not a directory"),
-    "V55": (lambda t, m, f: lambda: cli._parse_params(["lr"]), ParameterError, r"--param expects key=value, got 'lr'"),
+    "V55": (lambda t, m, f: lambda: cli.parse_params(["lr"]), ParameterError, r"--param expects key=value, got 'lr'"),
     "V56": (lambda t, m, f: failing_write(t, m), OutputError,
             r"out: results could not be written \(OSError: \[Errno 28\] No space left on device\)"),
     "V60": (lambda t, m, f: checkpoint_of_another_run(t), InputError,
@@ -421,7 +421,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, patter
 
 
 def test_param_values_are_parsed_like_yaml_with_exponents():
-    assert cli._parse_params(["lr=1e-3", "hash_bits=null", "detach_codes=false", "init=leiden"]) == {
+    assert cli.parse_params(["lr=1e-3", "hash_bits=null", "detach_codes=false", "init=leiden"]) == {
         "lr": 1e-3, "hash_bits": None, "detach_codes": False, "init": "leiden"}
 
 

@@ -4,7 +4,7 @@
 ``schashformer.SCHashFormer`` for the estimator, ``schashformer.io.read`` for files.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import io, pl, tl  # noqa: E402
 from .model import SCHashFormer  # noqa: E402

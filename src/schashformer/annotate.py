@@ -31,10 +31,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from . import engine
 from .data import CellData
 from .errors import InputError, ParameterError
 from .preprocess import Prepared, prepare, principal_axes
-from .train import Stage2, hash_cells, token_features
 from .validate import check_adata, is_int
 
 UNKNOWN = "unknown"
@@ -57,7 +57,7 @@ class Mapped:
 
 
 def sort_keys(codes: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """(cells, heads) scalar keys whose order is :func:`schashformer.train.sorted_orders`' order.
+    """(cells, heads) scalar keys whose order is :func:`schashformer.engine.sorted_orders`' order.
 
     The continuous tie-break ``h @ 2^-i`` lies in [0, 2), so ``code * 4 + tie`` sorts by code first.
     """
@@ -67,7 +67,7 @@ def sort_keys(codes: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str = "query") -> Mapped:
     """Hash and embed ``adata`` with a fitted :class:`~schashformer.SCHashFormer` (cells attend within their own set)."""
-    model._check_fitted()
+    model.check_fitted()
     genes = pd.Index(np.asarray(model.stats_.genes).astype(str))
     extra = int((~pd.Index(np.asarray(adata.var_names).astype(str)).isin(genes)).sum())
     if extra and where != "reference":  # the reference is usually the training data: all but the model's genes are extra
@@ -82,13 +82,10 @@ def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str 
         warnings.warn(f"{where}: {missing} of the model's {len(genes)} genes are missing and filled with zeros",
                       UserWarning, stacklevel=3)
     data = CellData(prep, device=model.head_.centres.device)
-    codes, h, hidden = hash_cells(model.indexer_, data, model.config.infer_batch)
-    tokens, _ = token_features(prep, hidden, model.token_axes_, model.token_scale_)
-    keys = sort_keys(codes, h)
-    orders = [np.argsort(keys[:, k], kind="stable") for k in range(keys.shape[1])]
-    stage2 = Stage2(model.encoder_, model.decoder_, model.head_, data, tokens, orders, model.config,
-                    np.random.default_rng(model.seed))
-    return Mapped(prep, codes, keys, stage2.embed_all(), tokens)
+    codes, h, hidden = engine.hash_cells(model.indexer_, data, model.config.infer_batch)
+    tokens, _ = engine.token_features(prep, hidden, model.token_axes_, model.token_scale_)
+    z = engine.embed_tokens(model.encoder_, tokens, codes, h, model.config, data.device)
+    return Mapped(prep, codes, sort_keys(codes, h), z, tokens)
 
 
 def reference_pcs(ref: Prepared, qry: Prepared, n_comps: int = VOTE_PCS,

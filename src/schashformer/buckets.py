@@ -11,6 +11,7 @@ Everything is numpy vector code: no Python loop over buckets.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import pandas as pd
 
 
@@ -73,8 +74,6 @@ def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_n
     head's sorted order (3C per head); the ``n_neighbors`` nearest candidates in ``z`` are
     kept. Cost O(cells x heads x C), memory O(block x heads x C): no global kNN search.
     """
-    import scipy.sparse as sp
-
     n = z.shape[0]
     candidates = []
     for order in orders:

@@ -35,7 +35,7 @@ RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png", "conf
 CHECKPOINT_DIR = ".checkpoint"  # inside --out: the training state of an unfinished run
 
 
-def _parse_params(items: list[str]) -> dict:
+def parse_params(items: list[str]) -> dict:
     """``--param key=value`` pairs, values parsed as YAML scalars (numbers, booleans, null)."""
     params = {}
     for item in items or []:
@@ -52,7 +52,7 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="schashformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -243,7 +243,7 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
         model.save(staging / MODEL_DIR)  # `schashformer annotate --reference OUT` maps new cells with it
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
         write_h5ad(adata, staging / "result.h5ad")
-        (staging / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
+        (staging / "metrics.json").write_text(json.dumps(jsonable(report), indent=2))
     return report
 
 
@@ -289,11 +289,11 @@ def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device:
                        **run)
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -301,7 +301,7 @@ def _jsonable(obj):
     return obj
 
 
-def _print_report(report: dict, out: Path) -> None:
+def print_report(report: dict, out: Path) -> None:
     m = report["metrics"]
     if report.get("n_clusters_estimated"):
         print(f"estimated number of clusters: {report['n_clusters']}")
@@ -350,7 +350,7 @@ def _preflight(args, params: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The ``schashformer`` command; returns the exit status (0, 2 for a refused input, 130 / 143 when interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     with warnings.catch_warnings(), interrupt.signals_raise():
         warnings.showwarning = _show_warning
         warnings.filterwarnings("always", category=UserWarning, module=r"schashformer\.")  # every run shows its own
@@ -374,7 +374,7 @@ def _main(args, argv: list[str]) -> int:
         if args.command in cli_scale.COMMANDS:  # simulate: writes one .h5ad, not a results directory
             return cli_scale.main(args)
         out = Path(args.out)
-        params = _parse_params(getattr(args, "param", None))
+        params = parse_params(getattr(args, "param", None))
         _preflight(args, params)  # every parameter, before anything is read or written
         outdir.check_writable(out)  # fail before any work
         with outdir.OutLock(out):  # held until the results are in place: a second run on out is refused
@@ -406,11 +406,11 @@ def _run(args, argv: list[str], out: Path, params: dict) -> int:
         print("the recorded result holds no labels to compare" if same is None else
               f"labels {'identical to' if same else 'differ from'} the recorded run"
               + ("" if same else f" ({report['rerun']['n_cells_differing']} cells)"))
-        _print_report(report, out)
+        print_report(report, out)
         return 0
     if args.command == "cluster" and cli_scale.wants_out_of_core(args, params.get("train_cells")):
         report = cli_scale.run_cluster_out_of_core(args, out, params)  # stream a large .h5ad
-        _print_report(report, out)
+        print_report(report, out)
         return 0
     start = time.perf_counter()
     if args.command == "demo":
@@ -429,7 +429,7 @@ def _run(args, argv: list[str], out: Path, params: dict) -> int:
                          progress=not args.quiet, input_name=str(name), source=source,
                          read_seconds=time.perf_counter() - start, resume=args.resume,
                          checkpoint_every=args.checkpoint_every)
-    _print_report(report, out)
+    print_report(report, out)
     return 0
 
 

@@ -105,7 +105,7 @@ def check_out(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
         raise OutputExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace them")
 
 
-def _write_atomic(out: Path, names: tuple[str, ...], overwrite: bool, write) -> None:
+def write_atomic(out: Path, names: tuple[str, ...], overwrite: bool, write) -> None:
     """Call ``write(staging_dir)``, then rename the staging directory to ``out`` (nothing partial is left)."""
     from .cli import staged_output
 
@@ -168,7 +168,7 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
         if args.query_labels_key is not None:
             pl.confusion(query, args.query_labels_key, key, save=staging / "confusion.png")
 
-    _write_atomic(out, ANNOTATE_FILES, args.overwrite, write)
+    write_atomic(out, ANNOTATE_FILES, args.overwrite, write)
     return report
 
 
@@ -195,7 +195,7 @@ def run_evaluate(args: argparse.Namespace, out: Path) -> dict:
         (staging / "evaluation.json").write_text(json.dumps(_plain(report), indent=2))
         pl.confusion(adata, args.labels_key, args.key, save=staging / "confusion.png")
 
-    _write_atomic(out, EVALUATE_FILES, args.overwrite, write)
+    write_atomic(out, EVALUATE_FILES, args.overwrite, write)
     return report
 
 

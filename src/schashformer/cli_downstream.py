@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_integration(args: argparse.Namespace, out: Path) -> dict:
-    from .cli_analysis import _write_atomic
+    from .cli_analysis import write_atomic
     from .tl import integration
 
     from .tl import integrate
@@ -125,12 +125,12 @@ def run_integration(args: argparse.Namespace, out: Path) -> dict:
             embedding(adata, [args.batch_key, args.labels_key], basis=basis, save=staging / "integration.png",
                       show=False)
 
-    _write_atomic(out, INTEGRATION_FILES, args.overwrite, write)
+    write_atomic(out, INTEGRATION_FILES, args.overwrite, write)
     return report
 
 
 def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
-    from .cli_analysis import _write_atomic
+    from .cli_analysis import write_atomic
     from .io import write_h5ad
     from .pl import trajectory as plot_trajectory
     from .tl import trajectory
@@ -160,5 +160,5 @@ def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
         plot_trajectory(adata, color=colours or None, save=staging / "trajectory.png", show=False)
         write_h5ad(adata, staging / "result.h5ad")
 
-    _write_atomic(out, TRAJECTORY_FILES, args.overwrite, write)
+    write_atomic(out, TRAJECTORY_FILES, args.overwrite, write)
     return report

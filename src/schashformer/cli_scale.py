@@ -100,9 +100,9 @@ def run_cluster_out_of_core(args, out: Path, params: dict) -> dict:
                              keep_checkpoint=True, **kwargs, **params)
         fit_out_of_core(model, source, batch_key=args.batch_key, labels_key=args.labels_key, resume=args.resume)
         t0 = time.perf_counter()
-        checksum = data_checksum(source, model._stream_scan_)
+        checksum = data_checksum(source, model.stream_scan_)
         timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - t0, 3)}}
-        result = _results_only(source)
+        result = results_only(source)
         tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
                          checksum=checksum, timings=timings)
         record = result.uns["schashformer"]
@@ -112,13 +112,13 @@ def run_cluster_out_of_core(args, out: Path, params: dict) -> dict:
                   "n_clusters": int(model.n_clusters_), "seed": args.seed, "out_of_core": True,
                   "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
                   "data_checksum": checksum}
-        _write(args, out, source, result, model, report, start)
+        write_outputs(args, out, source, result, model, report, start)
     finally:
         source.close()
     return report
 
 
-def _results_only(source):
+def results_only(source):
     """An AnnData with the source's obs and var but no matrix, to receive the results."""
     import anndata as ad
     import pandas as pd
@@ -126,7 +126,7 @@ def _results_only(source):
     return ad.AnnData(obs=source.obs.copy(), var=pd.DataFrame(index=source.var_names))
 
 
-def _write(args, out: Path, source, result, model, report: dict, start: float) -> None:
+def write_outputs(args, out: Path, source, result, model, report: dict, start: float) -> None:
     """Stage every result file, then rename the staging folder onto ``out`` (as ``cli.run_cluster``)."""
     from . import cli
     from .streaming import write_result_h5ad
@@ -149,4 +149,4 @@ def _write(args, out: Path, source, result, model, report: dict, start: float) -
             report["timings"]["umap_plot"] = {"seconds": round(time.perf_counter() - t0, 3),
                                               "cells": int(len(rows))}
         report["wall_seconds"] = round(time.perf_counter() - start, 3)
-        (staging / "metrics.json").write_text(json.dumps(cli._jsonable(report), indent=2))
+        (staging / "metrics.json").write_text(json.dumps(cli.jsonable(report), indent=2))

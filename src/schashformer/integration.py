@@ -18,6 +18,7 @@ needs a kNN search or silhouettes on the cells given: for very large data, score
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 import pandas as pd
 from scipy import stats
 from sklearn.metrics import silhouette_samples, silhouette_score
@@ -184,8 +185,6 @@ def integration_scores(embedding, batches, labels, clusters=None, *, n_neighbors
         "clisi": clisi(x, labels, n_neighbors=n_neighbors),
     }
     if clusters is not None:
-        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
         lab, _ = _codes(labels, "labels", len(x))
         cl, _ = _codes(clusters, "clusters", len(x))
         out["ari"] = float(adjusted_rand_score(lab, cl))

@@ -118,7 +118,7 @@ def read(path: str | Path, *, format: str | None = None, labels_key: str | None 
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    fmt = _check_format(format) if format is not None else _guess_format(path)
+    fmt = check_format(format) if format is not None else guess_format(path)
     if transpose and fmt not in ("csv", "tsv"):
         raise ParameterError(f"transpose=True applies to csv/tsv tables only, not to {fmt} ({path})")
     if fmt == "mtx" and not path.is_dir() and not path.is_file():
@@ -247,7 +247,7 @@ _ESTIMATORS: dict[str, Callable[[Path], int]] = {
 
 
 # ----------------------------------------------------------------------------- format guessing
-def _check_format(fmt: str) -> str:
+def check_format(fmt: str) -> str:
     key = str(fmt).lower().replace("-", "_")
     aliases = {"10x": "10x_h5", "10x_mtx": "mtx", "txt": "tsv", "anndata": "h5ad"}
     key = aliases.get(key, key)
@@ -256,7 +256,7 @@ def _check_format(fmt: str) -> str:
     return key
 
 
-def _guess_format(path: Path) -> str:
+def guess_format(path: Path) -> str:
     name = path.name.lower()
     if path.is_dir():
         if name.endswith((".h5ad", ".h5", ".hdf5", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
@@ -321,21 +321,21 @@ def _read_xy_h5(path: Path, labels_key: str) -> ad.AnnData:
         x = f["X"]
         if x.ndim != 2:
             raise InputError(f"{path}: dataset 'X' has shape {x.shape}; expected 2-D cells x genes")
-        _check_dtype(path, x.dtype)
+        check_dtype(path, x.dtype)
         counts = _dense_to_csr(x)  # block by block, never the whole dense matrix in memory
         y = f["Y"][()] if "Y" in f else None
     adata = ad.AnnData(counts)
     adata.obs_names = [f"cell{i}" for i in range(counts.shape[0])]
     adata.var_names = [f"gene{j}" for j in range(counts.shape[1])]
     if y is not None:
-        labels = _labels_as_str(np.asarray(y).ravel())
+        labels = labels_as_str(np.asarray(y).ravel())
         if labels.shape[0] != counts.shape[0]:
             raise InputError(f"{path}: dataset 'Y' has {labels.shape[0]} labels for {counts.shape[0]} cells in 'X'")
         adata.obs[labels_key] = pd.Categorical(labels)
     return adata
 
 
-def _labels_as_str(y: np.ndarray) -> np.ndarray:
+def labels_as_str(y: np.ndarray) -> np.ndarray:
     """Labels as strings; integral floats print as integers ("3", not "3.0")."""
     if y.dtype.kind == "S":
         return np.char.decode(y, "utf-8")
@@ -580,14 +580,14 @@ def _as_csr_float32(x: Any) -> sp.csr_matrix:
     return _dense_to_csr(np.asarray(x))
 
 
-def _check_dtype(path: Path, dtype: np.dtype) -> None:
+def check_dtype(path: Path, dtype: np.dtype) -> None:
     if np.dtype(dtype).kind not in "biuf":
         raise InputError(f"{path}: the matrix has dtype {dtype}; expected real numbers (raw counts)")
 
 
 def _finalise(adata: ad.AnnData, path: Path, var_names_col: str | None) -> ad.AnnData:
     """Common checks: CSR float32, not empty, finite non-negative values, unique string names."""
-    _check_dtype(path, adata.X.dtype)
+    check_dtype(path, adata.X.dtype)
     adata.X = _as_csr_float32(adata.X)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{path}: the matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
@@ -674,8 +674,8 @@ def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = False) -
 
 def _h5ad_safe(adata: ad.AnnData) -> ad.AnnData:
     """``adata``, or a shallow variant with obs/var/uns that h5ad can store (arrays are shared, not copied)."""
-    obs, var = _safe_frame(adata.obs), _safe_frame(adata.var)
-    uns = _safe_uns(dict(adata.uns), "uns")
+    obs, var = safe_frame(adata.obs), safe_frame(adata.var)
+    uns = safe_uns(dict(adata.uns), "uns")
     if obs is adata.obs and var is adata.var and _same(uns, adata.uns):
         return adata
     if adata.is_view:
@@ -689,7 +689,7 @@ def _same(new: dict, old: Mapping) -> bool:
     return new.keys() == old.keys() and all(new[k] is old[k] for k in new)
 
 
-def _safe_frame(df: pd.DataFrame) -> pd.DataFrame:
+def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Object columns holding non-strings become strings (missing values stay missing)."""
     fixed = {}
     for col in df.columns:
@@ -714,10 +714,10 @@ def _missing(v: Any) -> bool:
 _UNS_SCALARS = (str, bool, int, float, np.generic, pd.DataFrame, type(None))
 
 
-def _safe_uns(value: Any, where: str) -> Any:
+def safe_uns(value: Any, where: str) -> Any:
     """Recursively turn ``uns`` content into types anndata can write."""
     if isinstance(value, Mapping):
-        out = {str(k): _safe_uns(v, f"{where}[{k!r}]") for k, v in value.items()}
+        out = {str(k): safe_uns(v, f"{where}[{k!r}]") for k, v in value.items()}
         same = all(isinstance(k, str) for k in value) and all(out[k] is value[k] for k in value)
         return value if same and isinstance(value, dict) else out
     if isinstance(value, _UNS_SCALARS) or sp.issparse(value):
@@ -726,7 +726,7 @@ def _safe_uns(value: Any, where: str) -> Any:
         return value if value.dtype != object else _safe_sequence(list(value.ravel()), where).reshape(value.shape)
     if isinstance(value, (list, tuple)):
         if value and all(isinstance(v, Mapping) for v in value):
-            return {str(i): _safe_uns(v, f"{where}[{i}]") for i, v in enumerate(value)}
+            return {str(i): safe_uns(v, f"{where}[{i}]") for i, v in enumerate(value)}
         return _safe_sequence(list(value), where)
     if isinstance(value, os.PathLike):
         return os.fspath(value)

@@ -28,7 +28,7 @@ def _as_str(value) -> str:
     return str(value)
 
 
-def _prepare(y_true, y_pred) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_labels(y_true, y_pred) -> tuple[np.ndarray, np.ndarray, int]:
     """Both label vectors as strings with missing entries removed, and how many were removed."""
     t = pd.Series(np.asarray(y_true, dtype=object).ravel())
     p = pd.Series(np.asarray(y_pred, dtype=object).ravel())
@@ -62,7 +62,7 @@ def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniques[order], rank[codes]
 
 
-def _matching(t: np.ndarray, p: np.ndarray):
+def hungarian_matching(t: np.ndarray, p: np.ndarray):
     """Labels, clusters, contingency table (labels x clusters), cluster codes (cells,) and the
     Hungarian cluster -> label map."""
     labels, clusters, table, rows, cols, _, pi = _contingency(t, p)
@@ -86,8 +86,8 @@ def _mapped(clusters: np.ndarray, codes: np.ndarray, mapping: dict) -> np.ndarra
 
 def cluster_accuracy(y_true, y_pred) -> float:
     """Fraction of cells whose cluster maps to their label under the best one-to-one matching."""
-    t, p, _ = _prepare(y_true, y_pred)
-    _, clusters, _, codes, mapping = _matching(t, p)
+    t, p, _ = encode_labels(y_true, y_pred)
+    _, clusters, _, codes, mapping = hungarian_matching(t, p)
     return float((_mapped(clusters, codes, mapping) == t).mean())
 
 
@@ -97,7 +97,7 @@ def clustering_scores(y_true, y_pred) -> dict:
     Also ``n_clusters`` and ``n_labels`` (among scored cells) and ``n_unlabeled``: cells left out
     because their label or cluster is missing.
     """
-    t, p, n_missing = _prepare(y_true, y_pred)
+    t, p, n_missing = encode_labels(y_true, y_pred)
     labels, _, table, rows, cols, ti, pi = _contingency(t, p)
     # scores from integer codes: sklearn sorts string labels on every call, slow at 10^6 cells
     matched = np.zeros(labels.size)
@@ -126,7 +126,7 @@ def _label_map(t: np.ndarray, p: np.ndarray, matching: str):
     or each cluster to its majority label."""
     if matching not in MATCHINGS:
         raise ParameterError(f"matching must be one of {MATCHINGS}, got {matching!r}")
-    labels, clusters, table, codes, mapping = _matching(t, p)
+    labels, clusters, table, codes, mapping = hungarian_matching(t, p)
     if matching == "majority":
         mapping = {c: labels[table[:, j].argmax()] for j, c in enumerate(clusters)}
     return labels, clusters, codes, mapping
@@ -142,7 +142,7 @@ def per_label_scores(y_true, y_pred, matching: str = "hungarian") -> pd.DataFram
     more clusters than labels (e.g. Leiden at a fixed resolution). A cell is predicted as the
     label its cluster maps to; precision, recall and F1 follow.
     """
-    t, p, _ = _prepare(y_true, y_pred)
+    t, p, _ = encode_labels(y_true, y_pred)
     labels, clusters, codes, mapping = _label_map(t, p, matching)
     inverse: dict[str, list[str]] = {}
     for c, lab in sorted(mapping.items()):
@@ -162,8 +162,8 @@ def per_cluster_scores(y_true, y_pred) -> pd.DataFrame:
     share of the cluster, i.e. purity), recall (share of that label's cells that fall in the
     cluster), f1, and hungarian_label (the label the one-to-one matching gives it, "" if none).
     """
-    t, p, _ = _prepare(y_true, y_pred)
-    labels, clusters, table, _, mapping = _matching(t, p)
+    t, p, _ = encode_labels(y_true, y_pred)
+    labels, clusters, table, _, mapping = hungarian_matching(t, p)
     major = table.argmax(0)
     hits = table[major, np.arange(clusters.size)]
     size, label_size = table.sum(0), table.sum(1)[major]

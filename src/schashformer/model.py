@@ -8,7 +8,6 @@ estimator: ``fit`` / ``transform`` / ``predict`` / ``fit_predict`` / ``save`` / 
 from __future__ import annotations
 
 import logging
-import resource
 import time
 import warnings
 from contextlib import contextmanager
@@ -19,22 +18,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import buckets, resources
+from . import buckets, engine, resources, streaming
 from . import n_clusters as n_clusters_mod
 from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
-from .nn import ClusterHead, LSHIndexer, NeighbourhoodEncoder, ZINBDecoder
-from .checkpoint import PHASES, Checkpointer, fingerprint_arrays
-from .preprocess import GeneStats, Prepared, expand_to_cells, prepare, principal_axes
-from .train import Stage2, TrainConfig, hash_cells, sorted_orders, token_features, train_indexer
+from .nn import ClusterHead, LSHIndexer
+from .checkpoint import Checkpointer, fingerprint_arrays
+from .preprocess import GeneStats, Prepared, expand_to_cells, prepare
+from .train import TrainConfig
+from .version import __version__
 from .validate import check_adata, check_params, check_seed, is_int, one_line, resolve, warn_narrow
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 class SCHashFormer:
@@ -113,9 +109,7 @@ class SCHashFormer:
         """
         check_adata(adata)
         if stats is None and (adata.isbacked or adata.n_obs > self.config.train_cells):
-            from .streaming import CountSource, fit_out_of_core
-
-            return fit_out_of_core(self, CountSource.from_anndata(adata, layer), batch_key=batch_key,
+            return streaming.fit_out_of_core(self, streaming.CountSource.from_anndata(adata, layer), batch_key=batch_key,
                                    labels_key=labels_key, resume=resume)
         for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
             if key is not None and key not in adata.obs:
@@ -123,13 +117,7 @@ class SCHashFormer:
             if key is not None and adata.n_obs and adata.obs[key].isna().all():
                 raise InputError(f"{what} {key!r}: every value is missing")
         known_k = self.n_clusters is not None
-        if known_k and (not is_int(self.n_clusters) or self.n_clusters < 2):
-            raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r} "
-                                 "(or None to estimate it)")
-        if known_k and self.n_clusters > adata.n_obs:
-            raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
-        if not known_k:  # a resolution too high for this many cells would collapse K to 2 after training
-            n_clusters_mod.check_resolution_for(self.resolution, adata.n_obs, self.config.graph_neighbors)
+        self.check_fit_params(adata.n_obs)
         if resume and self.checkpoint_dir is None:
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         # stats given = training on the subsample of a larger input (streaming.fit_out_of_core)
@@ -138,7 +126,6 @@ class SCHashFormer:
         resources.check_fits(resources.fit_bytes(counts, self.n_clusters or n_clusters_mod.MEMORY_K, cfg),
                              f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
                              "free memory, use a machine with more, or cluster a subset of the cells")
-        self._seed_everything()
         rng = np.random.default_rng(self.seed)
         self.timings_ = {}
 
@@ -150,108 +137,60 @@ class SCHashFormer:
             batch_index, self.batch_categories_ = self._batches(adata, batch_key, prep.cell_mask)
             data = CellData(prep, batch_index, len(self.batch_categories_), device)
         self.stats_ = prep.stats
-        n_batches = data.n_batches
         warn_narrow(cfg, prep.n_genes, prep.n_cells)
 
-        ckpt = self._checkpointer(prep, data, device, rng)
+        ckpt = None if self.checkpoint_dir is None else self.checkpointer(prep, data, device, rng, self.checkpoint_dir)
         state = ckpt.load() if ckpt is not None and resume else None
         if ckpt is not None and not resume:
             ckpt.remove()  # a fresh fit never leaves another run's files to be resumed by mistake
         if state is not None:
             log.info("resuming from %s (%s, step %d)", ckpt.path, state["phase"], state["step"])
 
-        def at(phase):  # the checkpoint was written exactly here: continue from it
-            return state is not None and state["phase"] == phase
+        labels = None if labels_key is None else np.asarray(adata.obs[labels_key])[prep.cell_mask]
 
-        def past(phase):  # the checkpoint is at or after this point: skip the work, load its result
-            return state is not None and PHASES.index(state["phase"]) >= PHASES.index(phase)
-
-        with self._stage("stage1_hashing"):
-            axes = None if cfg.input_pcs == 0 else torch.from_numpy(principal_axes(prep, cfg.input_pcs))
-            self.indexer_ = LSHIndexer(prep.n_genes, cfg.hidden, cfg.hash_latent, cfg.hash_heads,
-                                       cfg.bits_for(prep.n_cells), n_batches, cfg.dropout, axes).to(device)
-            if ckpt is not None:
-                ckpt.modules["indexer"] = self.indexer_
-            if past("stage1_done"):
-                ckpt.load_modules(state)
-                history = list(state["history1"])
-                codes, h, hidden = ckpt.load_hashes()
-            else:
-                history = train_indexer(self.indexer_, data, cfg, rng, self.progress, ckpt,
-                                        state if at("stage1") else None)
-                codes, h, hidden = hash_cells(self.indexer_, data, cfg.infer_batch)
-                if ckpt is not None:
-                    ckpt.save_hashes(codes, h, hidden)
-                    ckpt.extra["history1"] = history
-                    ckpt.save("stage1_done")
-            if ckpt is not None:
-                ckpt.extra["history1"] = history
-            if at("stage1_done"):
-                ckpt.restore_rngs(state)
-            labels = None if labels_key is None else np.asarray(adata.obs[labels_key])[prep.cell_mask]
+        def on_codes(codes):
             self.bucket_stats_ = buckets.bucket_stats(codes, labels)
             if known_k:
-                self._warn_few_buckets(codes)
+                self._warn_few_buckets(codes, cfg.bits_for(prep.n_cells))
 
-        with self._stage("stage2_encoder"):
-            self.token_axes_ = None if cfg.token_pcs == 0 else principal_axes(prep, cfg.token_pcs).astype(np.float32)
-            tokens, self.token_scale_ = token_features(prep, hidden, self.token_axes_)
-            # unknown K: the clustering head is built once K is estimated, after pre-training
-            self.n_clusters_ = self.n_clusters
-            self._build_stage2(tokens.shape[1], prep.n_genes, n_batches, device)
-            stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, tokens, sorted_orders(codes, h), cfg, rng)
-            if ckpt is not None:
-                ckpt.modules.update(encoder=self.encoder_, decoder=self.decoder_)
-                if known_k:
-                    ckpt.modules["head"] = self.head_
-            if past("pretrain_done"):
-                ckpt.load_modules(state)
-                stage2.history = list(state["history2"])
-            else:
-                stage2.pretrain(self.progress, ckpt, state if at("pretrain") else None)
-                if ckpt is not None:
-                    ckpt.save("pretrain_done", history2=stage2.history)
-            if at("pretrain_done"):
-                ckpt.restore_rngs(state)
-
-        with self._stage("stage2_clustering"):
-            if not known_k:
-                self._estimate_k(stage2, state if past("centres") else None)
-                if ckpt is not None:
-                    ckpt.modules["head"] = self.head_
-                    ckpt.extra["n_clusters_estimated"] = int(self.n_clusters_)
-            if past("centres"):
-                ckpt.load_modules(state)
-                kmeans_labels = state["kmeans_labels"].numpy()
-            else:  # K given or estimated: k-means on z places the K centres (measured: better than Leiden's partition)
-                kmeans_labels = stage2.init_centres(self.seed)
-            if ckpt is not None:
-                ckpt.extra["kmeans_labels"] = torch.from_numpy(np.asarray(kmeans_labels, dtype=np.int64))
-                if not past("centres"):
-                    ckpt.save("centres", history2=stage2.history)
-            if at("centres"):
-                ckpt.restore_rngs(state)
-            self.kmeans_labels_ = expand_to_cells(kmeans_labels, prep.cell_mask, -1)
-            if past("done"):
-                ckpt.load_modules(state)
-                stage2.history = list(state["history2"])
-            else:
-                stage2.cluster(self.progress, ckpt, state if at("cluster") else None)
-                if ckpt is not None:
-                    ckpt.save("done", history2=stage2.history)
-            z = stage2.embed_all()
-            q = stage2.soft_assign_all(z)
-
-        self.history_ = history + stage2.history
-        self.codes_ = expand_to_cells(codes, prep.cell_mask, -1)
-        self.embedding_ = expand_to_cells(z, prep.cell_mask, 0.0)
-        self.labels_ = expand_to_cells(q.argmax(1), prep.cell_mask, -1)
-        self.n_removed_cells_ = int((~prep.cell_mask).sum())
-        self.max_attention_elements_ = self.encoder_.max_scores_numel
-        self._fitted = True
+        result = engine.fit(prep, data, cfg, n_clusters=self.n_clusters, resolution=self.resolution, seed=self.seed,
+                            rng=rng, checkpoint=ckpt, state=state, progress=self.progress, stage=self._stage,
+                            on_codes=on_codes)
+        self.adopt(result, prep.cell_mask)
         if ckpt is not None and not self.keep_checkpoint:
             ckpt.remove()
         return self
+
+    def adopt(self, result: engine.FitResult, cell_mask: np.ndarray) -> None:
+        """Set the fitted attributes from the engine's result (every fit path ends here).
+
+        ``result`` holds every kept cell (gathered from all processes); ``cell_mask`` (input cells,)
+        marks the kept ones among the input cells.
+        """
+        self.indexer_, self.encoder_, self.decoder_, self.head_ = (result.indexer, result.encoder, result.decoder,
+                                                                   result.head)
+        self.n_clusters_ = int(result.n_clusters)
+        self.token_axes_, self.token_scale_ = result.token_axes, result.token_scale
+        self.history_ = result.history
+        self.codes_ = expand_to_cells(result.codes_all, cell_mask, -1)
+        self.embedding_ = expand_to_cells(result.z, cell_mask, 0.0)
+        self.labels_ = expand_to_cells(result.q.argmax(1), cell_mask, -1)
+        self.kmeans_labels_ = (None if result.kmeans_labels is None
+                               else expand_to_cells(result.kmeans_labels, cell_mask, -1))
+        self.n_removed_cells_ = int((~cell_mask).sum())
+        self.max_attention_elements_ = self.encoder_.max_scores_numel
+        self._fitted = True
+
+    def check_fit_params(self, n_cells: int | None = None) -> None:
+        """Refuse an invalid ``n_clusters`` (or one above ``n_cells``, when given), or without it a resolution
+        too high for ``n_cells`` (:func:`schashformer.n_clusters.check_resolution_for`), before any work."""
+        if self.n_clusters is not None and (not is_int(self.n_clusters) or self.n_clusters < 2):
+            raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r} "
+                                 "(or None to estimate it)")
+        if self.n_clusters is not None and n_cells is not None and self.n_clusters > n_cells:
+            raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({n_cells})")
+        if self.n_clusters is None and n_cells is not None:  # a resolution too high would collapse K after training
+            n_clusters_mod.check_resolution_for(self.resolution, n_cells, self.config.graph_neighbors)
 
     def fit_predict(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
         """``fit`` then return ``labels_``."""
@@ -264,14 +203,14 @@ class SCHashFormer:
         New cells are hashed by the trained indexer and attend to each other within
         their own sorted chunks; cells with zero counts on the model's genes get zeros.
         """
-        self._check_fitted()
+        self.check_fitted()
         prep = prepare(adata, layer=layer, allow_noncounts=self.allow_noncounts, stats=self.stats_)
         z = self._embed(prep)
         return expand_to_cells(z, prep.cell_mask, 0.0)
 
     def predict(self, adata: ad.AnnData, *, layer: str | None = None) -> np.ndarray:
         """Cluster of each new cell (argmax of the soft assignment); -1 for cells with zero counts."""
-        self._check_fitted()
+        self.check_fitted()
         prep = prepare(adata, layer=layer, allow_noncounts=self.allow_noncounts, stats=self.stats_)
         z = self._embed(prep)
         with torch.no_grad():
@@ -280,44 +219,15 @@ class SCHashFormer:
         return expand_to_cells(q.argmax(1), prep.cell_mask, -1)
 
     def _embed(self, prep: Prepared) -> np.ndarray:
-        data = CellData(prep, device=self.head_.centres.device)
-        codes, h, hidden = hash_cells(self.indexer_, data, self.config.infer_batch)
-        tokens, _ = token_features(prep, hidden, self.token_axes_, self.token_scale_)
-        stage2 = Stage2(self.encoder_, self.decoder_, self.head_, data, tokens, sorted_orders(codes, h), self.config,
-                        np.random.default_rng(self.seed))
-        return stage2.embed_all()
-
-    def _build_stage2(self, token_width: int, n_genes: int, n_batches: int, device) -> None:
-        """Encoder, decoder and clustering head; with ``token_residual`` z has the token's width.
-
-        The head needs K: with ``n_clusters_`` still None (K to be estimated) it is left None.
-        """
-        cfg = self.config
-        z_dim = token_width if cfg.token_residual else cfg.latent
-        self.encoder_ = NeighbourhoodEncoder(token_width, cfg.d_model, cfg.attn_heads, z_dim, cfg.layers, cfg.dropout,
-                                             cfg.token_residual, cfg.attention).to(device)
-        self.decoder_ = ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
-        self.head_ = None if self.n_clusters_ is None else ClusterHead(self.n_clusters_, z_dim).to(device)
-
-    def _estimate_k(self, stage2: Stage2, state: dict | None) -> None:
-        """Estimate K on the pre-trained z (or take it from a checkpoint ``state`` past that point) and
-        build the clustering head for it. Only K is kept: k-means at that K then places the centres, as
-        when K is given (on the benchmark data the Leiden partition itself was a worse start)."""
-        if state is not None:
-            self.n_clusters_ = int(state["n_clusters_estimated"])
-        else:
-            cfg = self.config
-            z = stage2.embed_all()
-            self.n_clusters_, _ = n_clusters_mod.estimate(z, stage2.orders, cfg.chunk_size, resolution=self.resolution,
-                                                          n_neighbors=cfg.graph_neighbors, seed=self.seed)
-            log.info("estimated number of clusters: %d (resolution %g)", self.n_clusters_, self.resolution)
-        self.head_ = ClusterHead(self.n_clusters_, self.encoder_.n_latent).to(stage2.data.device)
-        stage2.head = self.head_
+        cfg, device = self.config, self.head_.centres.device
+        codes, h, hidden = engine.hash_cells(self.indexer_, CellData(prep, device=device), cfg.infer_batch)
+        tokens, _ = engine.token_features(prep, hidden, self.token_axes_, self.token_scale_)
+        return engine.embed_tokens(self.encoder_, tokens, codes, h, cfg, device)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the trained model to directory ``path`` (``model.pt`` inside)."""
-        self._check_fitted()
+        self.check_fitted()
         path = Path(path)
         target = path / _MODEL_FILE
         if target.exists() and not overwrite:
@@ -381,17 +291,18 @@ class SCHashFormer:
         model.token_axes_ = None if tokens is None else tokens["axes"].numpy()
         model.token_scale_ = None if tokens is None else tokens["scale"]
         n_pcs = 0 if tokens is None else model.token_axes_.shape[1]
-        model._build_stage2(cfg.hash_latent + n_pcs, n_genes, n_batches, "cpu")
+        model.encoder_, model.decoder_ = engine.build_stage2(cfg, cfg.hash_latent + n_pcs, n_genes, n_batches, "cpu")
+        model.head_ = ClusterHead(model.n_clusters_, model.encoder_.n_latent)
         for name in ("indexer", "encoder", "decoder", "head"):
             getattr(model, name + "_").load_state_dict(state[name])
         return model
 
     # ------------------------------------------------------------------ helpers
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
         if not self._fitted:
             raise ParameterError("this SCHashFormer is not fitted yet; call fit(adata) first")
 
-    def _warn_few_buckets(self, codes: np.ndarray) -> None:
+    def _warn_few_buckets(self, codes: np.ndarray, n_bits: int) -> None:
         """Warn when there are fewer distinct hash buckets (combined over heads) than clusters.
 
         Not an error: stage 2 embeds every cell from its own features too and k-means can split a
@@ -401,17 +312,14 @@ class SCHashFormer:
         n_buckets = len(np.unique(codes, axis=0))
         if self.n_clusters > n_buckets:
             warnings.warn(f"n_clusters={self.n_clusters} exceeds the {n_buckets} distinct hash buckets the cells fall "
-                          f"into (combined over {codes.shape[1]} heads of {self.indexer_.n_bits} bits); clusters will "
+                          f"into (combined over {codes.shape[1]} heads of {n_bits} bits); clusters will "
                           "split buckets and may be poorer: use more hash_bits or fewer clusters, or check for "
                           "duplicated cells", UserWarning, stacklevel=3)
 
-    def _checkpointer(self, prep: Prepared, data: CellData, device: torch.device,
-                      rng: np.random.Generator) -> Checkpointer | None:
-        """The fit's checkpointer (None without ``checkpoint_dir``), with the fingerprint of this run."""
-        if self.checkpoint_dir is None:
-            return None
-        from . import __version__
-
+    def checkpointer(self, prep: Prepared, data: CellData, device: torch.device, rng: np.random.Generator,
+                     directory: str | Path) -> Checkpointer:
+        """The checkpointer of a fit on ``prep`` in ``directory``, with the fingerprint of this run
+        (package version, data, every parameter, seed, device type)."""
         batch = np.zeros(0, np.int64) if data.batch_index is None else data.batch_index
         c = prep.counts
         fingerprint = {"version": __version__, "device_type": device.type, "seed": int(self.seed),
@@ -422,17 +330,13 @@ class SCHashFormer:
                        "data": fingerprint_arrays(c.indptr, c.indices, c.data, prep.size_factors, prep.stats.mean,
                                                   prep.stats.std, batch, prep.cell_mask,
                                                   np.asarray(prep.stats.genes, dtype=str))}
-        return Checkpointer(self.checkpoint_dir, self.checkpoint_every, fingerprint, rng)
-
-    def _seed_everything(self) -> None:
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed % 2**32)
+        return Checkpointer(directory, self.checkpoint_every, fingerprint, rng)
 
     @contextmanager
     def _stage(self, name: str):
         start = time.perf_counter()
         yield
-        self.timings_[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_gib": round(_peak_rss_gib(), 3)}
+        self.timings_[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_gib": round(resources.peak_rss_gib(), 3)}
         log.info("%s: %.1f s", name, self.timings_[name]["seconds"])
 
     @staticmethod

@@ -20,7 +20,11 @@ from __future__ import annotations
 import math
 import warnings
 
+import igraph as ig
+import leidenalg
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
 
 from . import buckets
 from .errors import ParameterError
@@ -72,9 +76,6 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2)
 
     Returns labels (cells,) numbered 0.. by decreasing community size.
     """
-    import igraph as ig
-    import leidenalg
-
     coo = graph.tocoo()
     upper = coo.row < coo.col
     g = ig.Graph(n=graph.shape[0], edges=np.column_stack([coo.row[upper], coo.col[upper]]).tolist())
@@ -141,12 +142,8 @@ def estimate(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, *, resolu
     else:
         raise ParameterError(f"method must be one of {METHODS}, got {method!r}")
     if max_clusters is not None and labels.max() + 1 > max_clusters:
-        from sklearn.cluster import KMeans
-
         labels = KMeans(max_clusters, n_init=3, random_state=seed).fit_predict(z)
     if labels.max() + 1 < 2 and n >= 2:  # one community: nothing to cluster, still give two clusters
-        from sklearn.cluster import KMeans
-
         labels = KMeans(2, n_init=3, random_state=seed).fit_predict(z)
     return int(labels.max() + 1), labels.astype(np.int64)
 
@@ -154,8 +151,6 @@ def estimate(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, *, resolu
 def silhouette_kmeans(z: np.ndarray, *, seed: int = 0, min_clusters: int = 2, max_clusters: int = 30,
                       subsample: int = 3000) -> np.ndarray:
     """k-means on a subsample of ``z`` for K in [min, max]; the K of the best silhouette, fitted on every cell."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
 
     rng = np.random.default_rng(seed)
     sub = z[rng.choice(len(z), min(subsample, len(z)), replace=False)]
@@ -166,3 +161,32 @@ def silhouette_kmeans(z: np.ndarray, *, seed: int = 0, min_clusters: int = 2, ma
         if s > best_s:
             best_k, best_s = k, s
     return KMeans(best_k, n_init=3, random_state=seed).fit_predict(z).astype(np.int64)
+
+
+def leiden_with_k(graph, n_clusters: int, seed: int, max_iter: int = 30) -> np.ndarray:
+    """Leiden (leidenalg, RB modularity) on ``graph`` at the resolution that gives ``n_clusters``, by bisection."""
+    coo = graph.tocoo()
+    upper = coo.row < coo.col
+    g = ig.Graph(n=graph.shape[0], edges=list(zip(coo.row[upper].tolist(), coo.col[upper].tolist())))
+
+    def run(resolution: float) -> np.ndarray:
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
+                                        resolution_parameter=resolution, seed=seed, n_iterations=2)
+        return np.asarray(part.membership)
+
+    lo, hi, resolution = 0.0, None, 1.0
+    best = None
+    for _ in range(max_iter):
+        labels = run(resolution)
+        k = labels.max() + 1
+        if best is None or abs(k - n_clusters) < abs(best.max() + 1 - n_clusters):
+            best = labels
+        if k == n_clusters:
+            break
+        if k < n_clusters:
+            lo = resolution
+            resolution = resolution * 2 if hi is None else (lo + hi) / 2
+        else:
+            hi = resolution
+            resolution = (lo + hi) / 2
+    return best

@@ -111,12 +111,12 @@ def confusion(adata: ad.AnnData, labels_key: str, key: str = "schashformer", *, 
     share of that label's cells per cluster (the cell counts are written in the cells). Cells missing a
     label or a cluster are left out. Returns the matplotlib Figure.
     """
-    from .metrics import _matching, _prepare
+    from .metrics import hungarian_matching, encode_labels
 
     _obs_key(adata, labels_key, "labels_key")
     _obs_key(adata, key, "key")
-    t, p, _ = _prepare(adata.obs[labels_key].to_numpy(), adata.obs[key].to_numpy())
-    labels, clusters, table, _, mapping = _matching(t, p)
+    t, p, _ = encode_labels(adata.obs[labels_key].to_numpy(), adata.obs[key].to_numpy())
+    labels, clusters, table, _, mapping = hungarian_matching(t, p)
     rank = {lab: i for i, lab in enumerate(labels)}
     order = sorted(range(clusters.size), key=lambda j: (rank.get(mapping.get(clusters[j]), labels.size), j))
     table, clusters = table[:, order], clusters[order]

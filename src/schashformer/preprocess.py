@@ -24,6 +24,7 @@ TARGET_SUM = 1e4
 CLIP = 10.0
 MIN_GENE_FRACTION = 0.5  # a trained model refuses input holding fewer of its genes than this
 _MAX_SIZE_FACTOR = 1e30  # keeps float32 size factors finite for absurd libraries
+_HVG_BINS = 20  # scanpy's seurat flavour
 
 
 @dataclass
@@ -167,7 +168,7 @@ def validate_counts(x: sp.csr_matrix, allow_noncounts: bool = False, where: str 
 
 
 def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = None,
-            allow_noncounts: bool = False, stats: GeneStats | None = None) -> Prepared:
+            allow_noncounts: bool = False, stats: GeneStats | None = None, comm=None) -> Prepared:
     """Prepare raw counts for training (``stats=None``) or for a trained model (``stats`` given).
 
     Parameters
@@ -179,6 +180,9 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
     stats : gene statistics of a trained model; its genes are selected (missing ones are
         zero-filled with a warning; fewer than ``MIN_GENE_FRACTION`` present is an error) and
         its mean/std reused.
+    comm : the collectives of a multi-process fit (:class:`schashformer.engine.Comm`; None: one
+        process). Each process prepares its own cells with the gene statistics of all of them:
+        the per-gene sums (:class:`GeneSums`) are summed and the library sizes gathered.
 
     Returns
     -------
@@ -195,6 +199,38 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
         raise ParameterError(f"n_top_genes must be an integer >= 1, got {n_top_genes!r}")
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+    # every process validates its own cells; one refusal stops all of them before any collective
+    x, total = (checked_counts(adata, layer, allow_noncounts) if comm is None
+                else comm.agree(checked_counts, adata, layer, allow_noncounts))
+    reduce = (lambda a: np.asarray(a, dtype=np.float64)) if comm is None else comm.allreduce
+    cell_mask = total > 0
+    if int(reduce([cell_mask.sum()])[0]) == 0:
+        raise InputError(f"all {int(reduce([len(total)])[0])} cells have zero counts; nothing to cluster")
+    if not cell_mask.all():  # this process's cells
+        empty = np.flatnonzero(~cell_mask)
+        warnings.warn(f"{len(empty)} of {len(cell_mask)} cells have zero counts (e.g. {str(adata.obs_names[empty[0]])!r}); "
+                      "they are not clustered: label -1 (empty in clusters.csv) and a zero embedding",
+                      UserWarning, stacklevel=3)
+    x, total = x[cell_mask], total[cell_mask]
+    logn = log_normalise(x, total)
+
+    if stats is None:
+        sums = GeneSums.of(logn).reduced(reduce)
+        cols = select_genes(sums, n_top_genes)
+        counts, logn = x[:, cols], logn[:, cols]
+        library = np.asarray(counts.sum(1), dtype=np.float64).ravel()
+        median_library = float(np.median(library if comm is None else comm.allgather(library)))
+        stats = gene_stats(sums, cols, adata.var_names, median_library)
+    else:
+        counts, logn = (_align_genes(m, adata.var_names, stats.genes) for m in (x, logn))
+
+    library = np.asarray(counts.sum(1)).ravel()
+    size_factors = np.clip(library / stats.median_library, 1e-3, _MAX_SIZE_FACTOR).astype(np.float32)
+    return Prepared(sp.csr_matrix(counts), sp.csr_matrix(logn), size_factors, stats, cell_mask)
+
+
+def checked_counts(adata: ad.AnnData, layer: str | None, allow_noncounts: bool) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The validated count matrix (CSR float32) of ``adata`` (or ``layer``) and each cell's total."""
     check_names(adata)
     x = count_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -207,78 +243,117 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
             raise InputError(f"{exc}; adata.raw holds raw counts: pass layer='raw' (--layer raw) to "
                              "cluster them") from None
         raise
-
     total = np.asarray(x.sum(1)).ravel()
     if not np.isfinite(total).all():
         raise InputError(f"{where}: the counts of {int((~np.isfinite(total)).sum())} cells sum beyond the float32 "
                          f"range (largest value {x.data.max():g}); expected raw counts")
-    cell_mask = total > 0
-    if not cell_mask.any():
-        raise InputError(f"all {x.shape[0]} cells have zero counts; nothing to cluster")
-    if not cell_mask.all():
-        empty = np.flatnonzero(~cell_mask)
-        warnings.warn(f"{len(empty)} of {x.shape[0]} cells have zero counts (e.g. {str(adata.obs_names[empty[0]])!r}); "
-                      "they are not clustered: label -1 (empty in clusters.csv) and a zero embedding",
-                      UserWarning, stacklevel=3)
-    x, total = x[cell_mask], total[cell_mask]
-    logn = _log_normalise(x, total)
-
-    if stats is None:
-        cols = _select_genes(logn, n_top_genes)
-        genes = np.asarray(adata.var_names[cols]).astype(str)
-        counts, logn = x[:, cols], logn[:, cols]
-        mean, std = _mean_std(logn)
-        median_library = float(np.median(np.asarray(counts.sum(1)).ravel()))
-        if median_library <= 0:
-            median_library = 1.0
-        stats = GeneStats(genes, mean, std, median_library)
-    else:
-        counts, logn = (_align_genes(m, adata.var_names, stats.genes) for m in (x, logn))
-
-    library = np.asarray(counts.sum(1)).ravel()
-    size_factors = np.clip(library / stats.median_library, 1e-3, _MAX_SIZE_FACTOR).astype(np.float32)
-    return Prepared(sp.csr_matrix(counts), sp.csr_matrix(logn), size_factors, stats, cell_mask)
+    return x, total
 
 
-def _log_normalise(x: sp.csr_matrix, total: np.ndarray) -> sp.csr_matrix:
+def log_normalise(x: sp.csr_matrix, total: np.ndarray) -> sp.csr_matrix:
     scale = (TARGET_SUM / total).astype(np.float32)
     out = sp.csr_matrix(sp.diags(scale) @ x, dtype=np.float32)
     np.log1p(out.data, out=out.data)
     return out
 
 
-def _mean_std(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    mean = np.asarray(x.mean(0)).ravel()
-    sq = np.asarray(x.multiply(x).mean(0)).ravel()
-    var = np.maximum(sq - mean**2, 0.0) * n / max(n - 1, 1)
-    std = np.sqrt(var)
-    std[std == 0] = 1.0
-    return mean.astype(np.float32), std.astype(np.float32)
+@dataclass
+class GeneSums:
+    """Per-gene sums over a set of kept cells, from which the gene selection and standardisation follow.
+
+    Additive over row blocks and processes (``+``, :meth:`reduced`), so the in-memory, streamed and
+    multi-process paths compute the same statistics from the same arithmetic. float64 throughout.
+    """
+
+    n: int  # cells
+    detected: np.ndarray  # (genes,) cells with a non-zero value
+    sum_norm: np.ndarray  # (genes,) normalised counts expm1(logn): scanpy's seurat dispersion works on these
+    sumsq_norm: np.ndarray
+    sum_logn: np.ndarray  # (genes,) log-normalised values: the standardisation
+    sumsq_logn: np.ndarray
+
+    _FIELDS = ("detected", "sum_norm", "sumsq_norm", "sum_logn", "sumsq_logn")
+
+    @classmethod
+    def of(cls, logn: sp.csr_matrix) -> "GeneSums":
+        """The sums of the log-normalised rows ``logn`` (cells, genes)."""
+        g = logn.shape[1]
+        cols, l64 = logn.indices, logn.data.astype(np.float64)
+        n64 = np.expm1(l64)
+        return cls(logn.shape[0], np.bincount(cols, minlength=g).astype(np.float64),
+                   np.bincount(cols, n64, minlength=g), np.bincount(cols, n64 * n64, minlength=g),
+                   np.bincount(cols, l64, minlength=g), np.bincount(cols, l64 * l64, minlength=g))
+
+    @classmethod
+    def zeros(cls, n_genes: int) -> "GeneSums":
+        return cls(0, *(np.zeros(n_genes) for _ in cls._FIELDS))
+
+    def __add__(self, other: "GeneSums") -> "GeneSums":
+        return GeneSums(self.n + other.n, *(getattr(self, f) + getattr(other, f) for f in self._FIELDS))
+
+    def reduced(self, reduce) -> "GeneSums":
+        """The sums over every process (``reduce`` sums an array over processes)."""
+        stacked = reduce(np.stack([np.full_like(self.detected, self.n)] + [getattr(self, f) for f in self._FIELDS]))
+        return GeneSums(int(stacked[0, 0]), *stacked[1:])
 
 
-def _select_genes(logn: sp.csr_matrix, n_top_genes: int) -> np.ndarray:
-    """Column indices of the highly variable genes among genes detected in >= 1 cell."""
-    detected = np.flatnonzero(np.diff(logn.tocsc().indptr) > 0)
+def normalised_dispersion(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """(genes,) scanpy's seurat-flavour normalised dispersion from per-gene mean and variance.
+
+    log(var / mean) standardised within 20 equal-width bins of log1p(mean); NaN where undefined.
+    """
+    mean = mean.copy()
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dispersion = np.log(dispersion)
+    df = pd.DataFrame({"means": np.log1p(mean), "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=_HVG_BINS)
+    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
+    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
+    single = bin_std.isnull()  # a bin with one gene: its normalised dispersion is 1, as in scanpy
+    bin_std[single] = bin_mean[single]
+    bin_mean[single] = 0
+    return ((df["dispersions"].to_numpy() - bin_mean[df["mean_bin"]].to_numpy())
+            / bin_std[df["mean_bin"]].to_numpy())
+
+
+def select_genes(sums: GeneSums, n_top_genes: int) -> np.ndarray:
+    """Column indices of the highly variable genes among the genes detected in >= 1 cell.
+
+    scanpy's ``seurat`` flavour (``sc.pp.highly_variable_genes``) from the sums: mean and variance
+    (ddof 1) of the normalised counts, log dispersion var/mean normalised within 20 equal-width
+    bins of log1p(mean), the top ``n_top_genes`` by normalised dispersion. Where no gene has a
+    defined dispersion (e.g. one cell), the genes of largest log-normalised variance.
+    Written from sums rather than by calling scanpy so that streamed and multi-process inputs,
+    which never hold the whole matrix, select exactly the genes the in-memory path selects.
+    """
+    detected = np.flatnonzero(sums.detected > 0)
     if detected.size == 0:
         raise InputError("no gene has a non-zero count in the kept cells; nothing to cluster")
     if detected.size <= n_top_genes:
         return detected
-    import scanpy as sc
+    n = sums.n
+    mean = sums.sum_norm[detected] / n
+    var = (sums.sumsq_norm[detected] / n - mean**2) * (n / (n - 1) if n > 1 else 1.0)
+    norm = np.nan_to_num(normalised_dispersion(mean, var).astype(np.float64), nan=-np.inf)
+    if not np.isfinite(norm).any():
+        logn_mean = sums.sum_logn[detected] / n
+        logn_var = sums.sumsq_logn[detected] / n - logn_mean**2
+        return np.sort(detected[np.argsort(-logn_var, kind="stable")[:n_top_genes]])
+    cutoff = np.sort(norm)[::-1][n_top_genes - 1]
+    return detected[norm >= cutoff]
 
-    sub = ad.AnnData(logn[:, detected])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hvg = sc.pp.highly_variable_genes(sub, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
-        chosen = detected[np.asarray(hvg["highly_variable"], bool)]
-    except (IndexError, ValueError):  # scanpy fails when no gene has a defined dispersion (e.g. one cell)
-        chosen = detected[:0]
-    if chosen.size == 0:  # fall back to the most variable genes
-        x = sub.X
-        var = np.asarray(x.multiply(x).mean(0)).ravel() - np.asarray(x.mean(0)).ravel() ** 2
-        chosen = np.sort(detected[np.argsort(-var, kind="stable")[:n_top_genes]])
-    return chosen
+
+def gene_stats(sums: GeneSums, cols: np.ndarray, var_names, median_library: float) -> GeneStats:
+    """GeneStats of the columns ``cols``: mean and standard deviation (ddof 1) of the log-normalised values."""
+    n = sums.n
+    mean = sums.sum_logn[cols] / n
+    std = np.sqrt(np.maximum(sums.sumsq_logn[cols] / n - mean**2, 0.0) * n / max(n - 1, 1))
+    std[std == 0] = 1.0
+    return GeneStats(np.asarray(var_names[cols]).astype(str), mean.astype(np.float32), std.astype(np.float32),
+                     float(median_library) if median_library > 0 else 1.0)
 
 
 def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp.csr_matrix:
@@ -302,22 +377,26 @@ def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp
     return sp.csr_matrix(x[:, pos[present]] @ scatter, dtype=np.float32)
 
 
-def principal_axes(prepared: Prepared, n_comps: int, chunk: int = 65536, scaled: bool = True) -> np.ndarray:
+def principal_axes(prepared: Prepared, n_comps: int, reduce=None, *, chunk: int = 65536,
+                   scaled: bool = True) -> np.ndarray:
     """Top ``n_comps`` principal axes (genes, n_comps) of the standardised expression
     (``scaled=False``: of the centred, unscaled log-normalised expression).
 
     Computed from the genes x genes Gram matrix of the sparse log-normalised matrix,
     accumulated over row chunks: O(nnz * genes) time and O(genes^2) memory, linear in
     cells, never a dense cells x genes copy (the centring is applied to the Gram matrix).
-    The +-CLIP clipping of :meth:`Prepared.standardised` is ignored here.
+    The +-CLIP clipping of :meth:`Prepared.standardised` is ignored here. ``reduce`` sums
+    an array over processes (each holding some of the cells; the gene statistics are global).
     """
     logn, st = prepared.logn, prepared.stats
     n, g = logn.shape
-    n_comps = int(min(n_comps, g, n))
     gram = np.zeros((g, g), dtype=np.float64)
     for start in range(0, n, chunk):
         block = logn[start:start + chunk]
         gram += (block.T @ block).toarray()
+    if reduce is not None:
+        gram, n = reduce(gram), int(reduce(np.array([n]))[0])
+    n_comps = int(min(n_comps, g, n))
     mean = st.mean.astype(np.float64)
     cov = gram / n - np.outer(mean, mean)
     if scaled:

@@ -11,6 +11,8 @@ run that fits is never refused; a refused run would certainly not have fitted.
 
 from __future__ import annotations
 
+import resource
+
 import logging
 from pathlib import Path
 
@@ -89,3 +91,8 @@ def fit_bytes(x, n_clusters: int, cfg) -> int:
     per_cell = (cfg.hash_latent + cfg.hash_heads * cfg.bits_for(n_cells) + 2 * cfg.hash_heads + cfg.latent
                 + 3 * n_clusters) * 4
     return int(prepare + n_cells * per_cell)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, GiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -6,7 +6,7 @@ sparse copies of the counts and passes over every cell in every training phase. 
 
 1. **one streaming pass** over row chunks of the file (:class:`CountSource`): count validation,
    per-gene sums of the log-normalised values and of the normalised counts (their squares too),
-   which give the highly variable genes (scanpy's ``seurat`` flavour, :func:`select_hvg`) and the
+   which give the highly variable genes (scanpy's ``seurat`` flavour, :func:`schashformer.preprocess.select_genes`) and the
    standardisation mean/std of every cell, exactly as :func:`prepare` computes them in memory;
    the same pass keeps the rows of a seeded random **training subsample** (``TrainConfig.train_cells``);
 2. **training on the subsample** with the global gene statistics: the unchanged two-stage
@@ -32,7 +32,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -40,15 +39,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata.io import read_elem, sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
-from . import buckets, record, resources
+from . import buckets, engine, record, resources
 from .errors import InputError, ParameterError
-from .preprocess import CLIP, TARGET_SUM, GeneStats, validate_counts
+from .io import safe_frame, safe_uns
+from .preprocess import (CLIP, TARGET_SUM, GeneStats, GeneSums, expand_to_cells, gene_stats, log_normalise,
+                         select_genes, validate_counts)
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 32768  # rows read and prepared at once: ~ 32768 x (nnz per row) x 8 bytes of CSR
-_HVG_BINS = 20  # scanpy's seurat flavour
 
 
 # ----------------------------------------------------------------------------- row chunks
@@ -70,8 +71,6 @@ class CountSource:
     @classmethod
     def from_h5ad(cls, path: str | Path, layer: str | None = None) -> "CountSource":
         """Open ``path`` read-only; ``obs`` and ``var`` are read, the matrix is not."""
-        from anndata.io import read_elem, sparse_dataset
-
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such file")
@@ -152,29 +151,23 @@ class CountSource:
 class StreamStats:
     """What the first pass gathers: per-gene sums over kept cells and the training subsample."""
 
-    n_kept: int = 0
-    detected: np.ndarray | None = None  # (genes,) cells with a non-zero count
-    sum_logn: np.ndarray | None = None  # (genes,) float64
-    sumsq_logn: np.ndarray | None = None
-    sum_norm: np.ndarray | None = None  # normalised counts (expm1 of logn), for the seurat dispersion
-    sumsq_norm: np.ndarray | None = None
-    cell_mask: np.ndarray | None = None  # (cells,) total > 0
-    sample_rows: np.ndarray | None = None  # (m,) sorted rows of the training subsample
+    sums: GeneSums  # per-gene sums over every kept cell
+    cell_mask: np.ndarray  # (cells,) total > 0
+    sample_rows: np.ndarray  # (m,) sorted rows of the training subsample
+    canonical_nnz: np.ndarray  # (cells,) non-zeros per row after canonicalisation (checksum)
+    digests: tuple  # running SHA-256 of the canonical indices and data (checksum)
     sample: list = field(default_factory=list)  # CSR chunks of the subsample's rows (all genes)
-    canonical_nnz: np.ndarray | None = None  # (cells,) non-zeros per row after canonicalisation (checksum)
-    digests: tuple | None = None  # running SHA-256 of the canonical indices and data (checksum)
 
 
 def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool = False,
          chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> StreamStats:
-    """First pass: validate the counts, accumulate per-gene statistics, keep the ``sample_rows``."""
+    """First pass: validate the counts, accumulate per-gene sums (:class:`GeneSums`, as the in-memory
+    :func:`schashformer.preprocess.prepare` does), keep the ``sample_rows``."""
     g = source.n_vars
-    st = StreamStats(detected=np.zeros(g, np.int64), sum_logn=np.zeros(g), sumsq_logn=np.zeros(g),
-                     sum_norm=np.zeros(g), sumsq_norm=np.zeros(g), cell_mask=np.zeros(source.n_obs, bool),
-                     sample_rows=np.asarray(sample_rows, np.int64), canonical_nnz=np.zeros(source.n_obs, np.int64),
-                     digests=(hashlib.sha256(), hashlib.sha256()))
     if source.n_obs == 0 or g == 0:
         raise InputError(f"{source.where} is empty: {source.n_obs} cells x {g} genes")
+    st = StreamStats(GeneSums.zeros(g), np.zeros(source.n_obs, bool), np.asarray(sample_rows, np.int64),
+                     np.zeros(source.n_obs, np.int64), (hashlib.sha256(), hashlib.sha256()))
     for start, x in source.chunks(chunk_rows, "reading: statistics", progress):
         stop = start + x.shape[0]
         validate_counts(x, allow_noncounts, where=f"{source.where} (rows {start}..{stop - 1})")
@@ -192,78 +185,10 @@ def scan(source: CountSource, sample_rows: np.ndarray, *, allow_noncounts: bool 
             st.sample.append(x[st.sample_rows[lo:hi] - start])
         if not keep.all():
             x, total = x[keep], total[keep]
-        # the same float32 arithmetic as preprocess._log_normalise, so the statistics match the in-memory path
-        norm = sp.csr_matrix(sp.diags((TARGET_SUM / total).astype(np.float32)) @ x, dtype=np.float32)
-        logn = norm.copy()
-        np.log1p(logn.data, out=logn.data)
-        n64 = norm.data.astype(np.float64)
-        l64 = logn.data.astype(np.float64)
-        cols = norm.indices
-        st.detected += np.bincount(cols, minlength=g)
-        st.sum_norm += np.bincount(cols, n64, minlength=g)
-        st.sumsq_norm += np.bincount(cols, n64 * n64, minlength=g)
-        st.sum_logn += np.bincount(cols, l64, minlength=g)
-        st.sumsq_logn += np.bincount(cols, l64 * l64, minlength=g)
-        st.n_kept += int(keep.sum())
-    if st.n_kept == 0:
+        st.sums = st.sums + GeneSums.of(log_normalise(x, total))
+    if st.sums.n == 0:
         raise InputError(f"all {source.n_obs} cells of {source.where} have zero counts; nothing to cluster")
     return st
-
-
-def normalised_dispersion(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """(genes,) scanpy's seurat-flavour normalised dispersion from per-gene mean and variance.
-
-    log(var / mean) standardised within 20 equal-width bins of log1p(mean); NaN where undefined.
-    Shared by the streamed (:func:`select_hvg`) and the shard-reduced (``distributed``) statistics.
-    """
-    mean = mean.copy()
-    mean[mean == 0] = 1e-12
-    dispersion = var / mean
-    dispersion[dispersion == 0] = np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dispersion = np.log(dispersion)
-    df = pd.DataFrame({"means": np.log1p(mean), "dispersions": dispersion})
-    df["mean_bin"] = pd.cut(df["means"], bins=_HVG_BINS)
-    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
-    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
-    single = bin_std.isnull()  # a bin with one gene: its normalised dispersion is 1, as in scanpy
-    bin_std[single] = bin_mean[single]
-    bin_mean[single] = 0
-    return ((df["dispersions"].to_numpy() - bin_mean[df["mean_bin"]].to_numpy())
-            / bin_std[df["mean_bin"]].to_numpy())
-
-
-def select_hvg(st: StreamStats, n_top_genes: int) -> np.ndarray:
-    """Column indices of the highly variable genes, scanpy's ``seurat`` flavour, from streamed sums.
-
-    Among detected genes (all of them when there are at most ``n_top_genes``): mean and variance
-    (ddof 1) of the normalised counts, log dispersion var/mean normalised within 20 equal-width bins
-    of log1p(mean), top ``n_top_genes`` by normalised dispersion, as ``sc.pp.highly_variable_genes``.
-    """
-    detected = np.flatnonzero(st.detected > 0)
-    if detected.size == 0:
-        raise InputError("no gene has a non-zero count in the kept cells; nothing to cluster")
-    if detected.size <= n_top_genes:
-        return detected
-    n = st.n_kept
-    mean = st.sum_norm[detected] / n
-    var = (st.sumsq_norm[detected] - n * mean**2) / max(n - 1, 1)
-    norm = np.nan_to_num(normalised_dispersion(mean, var).astype(np.float64), nan=-np.inf)
-    if not np.isfinite(norm).any():  # no defined dispersion: fall back to the largest variances
-        return np.sort(detected[np.argsort(-var, kind="stable")[:n_top_genes]])
-    cutoff = np.sort(norm)[::-1][n_top_genes - 1]
-    return detected[norm >= cutoff]
-
-
-def gene_stats(st: StreamStats, cols: np.ndarray, var_names: pd.Index, median_library: float) -> GeneStats:
-    """GeneStats of the selected columns (mean/std of log-normalised values, ddof 1, as prepare)."""
-    n = st.n_kept
-    mean = st.sum_logn[cols] / n
-    var = np.maximum(st.sumsq_logn[cols] / n - mean**2, 0.0) * n / max(n - 1, 1)
-    std = np.sqrt(var)
-    std[std == 0] = 1.0
-    return GeneStats(np.asarray(var_names[cols]).astype(str), mean.astype(np.float32), std.astype(np.float32),
-                     float(median_library))
 
 
 # ----------------------------------------------------------------------------- the fit
@@ -277,9 +202,6 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
     ``codes_``, ``bucket_stats_``, ``timings_`` with one entry per pass) plus ``train_rows_``
     (the subsample) and ``out_of_core_ = True``.
     """
-    from .model import _peak_rss_gib
-    from .validate import resolve
-
     cfg = model.config
     n = source.n_obs
     for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
@@ -292,7 +214,7 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
 
     def done(name: str):
         now = time.perf_counter()
-        timings[name] = {"seconds": round(now - start_time[0], 3), "peak_rss_gib": round(_peak_rss_gib(), 3)}
+        timings[name] = {"seconds": round(now - start_time[0], 3), "peak_rss_gib": round(resources.peak_rss_gib(), 3)}
         log.info("%s: %.1f s", name, timings[name]["seconds"])
         start_time[0] = now
 
@@ -304,7 +226,7 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
 
     st = scan(source, sample_rows, allow_noncounts=model.allow_noncounts, chunk_rows=chunk_rows,
               progress=model.progress)
-    cols = select_hvg(st, model.n_top_genes)
+    cols = select_genes(st.sums, model.n_top_genes)
     sub = ad.AnnData(sp.vstack(st.sample, format="csr") if st.sample else sp.csr_matrix((0, source.n_vars)),
                      obs=source.obs.iloc[sample_rows].copy())
     sub.var_names = source.var_names
@@ -312,8 +234,8 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
     # median library of the selected genes: from the subsample (the size-factor denominator only)
     lib = np.asarray(sub.X[:, cols].sum(1)).ravel()
     lib = lib[lib > 0]
-    stats = gene_stats(st, cols, source.var_names, float(np.median(lib)) if lib.size else 1.0)
-    model._stream_scan_ = st  # kept for the checksum (canonical non-zeros per row)
+    stats = gene_stats(st.sums, cols, source.var_names, float(np.median(lib)) if lib.size else 1.0)
+    model.stream_scan_ = st  # kept for the checksum (canonical non-zeros per row)
     done("read_statistics")
 
     model.fit(sub, batch_key=batch_key, labels_key=labels_key, resume=resume, stats=stats)
@@ -332,8 +254,6 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
     done("encode_all")
     labels = assign_all(model, z, device)
     done("assign_all")
-
-    from .preprocess import expand_to_cells
 
     model.labels_ = expand_to_cells(labels, cell_mask, -1)
     model.embedding_ = expand_to_cells(z, cell_mask, 0.0)
@@ -417,12 +337,8 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
 @torch.no_grad()
 def encode_all(model, tokens: np.ndarray, codes: np.ndarray, h: np.ndarray, device: torch.device) -> np.ndarray:
     """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells."""
-    from .train import Stage2, sorted_orders
-
     # float32 here: the attention pass is small per token (52-d tokens, d_model 256) and its output is the embedding
-    stage2 = Stage2(model.encoder_, model.decoder_, model.head_, SimpleNamespace(device=device), tokens,
-                    sorted_orders(codes, h), model.config, np.random.default_rng(model.seed))
-    return stage2.embed_all().astype(np.float32)
+    return engine.embed_tokens(model.encoder_, tokens, codes, h, model.config, device).astype(np.float32)
 
 
 @torch.no_grad()
@@ -488,16 +404,12 @@ def _canonical(x: sp.csr_matrix) -> sp.csr_matrix:
 def write_result_h5ad(source_path: Path, target: Path, obs: pd.DataFrame, obsm: dict, uns: dict) -> Path:
     """``target`` = the input file plus the results: a file copy (X never loaded), then obs, obsm and
     uns entries written with anndata's ``write_elem``. Atomic (hidden temporary file, then rename)."""
-    from anndata.io import read_elem, write_elem
-
-    from .io import _safe_frame, _safe_uns
-
     tmp = target.with_name("." + target.name + ".tmp")
     try:
         shutil.copyfile(source_path, tmp)
         with h5py.File(tmp, "a") as f:
             del f["obs"]
-            write_elem(f, "obs", _safe_frame(obs))
+            write_elem(f, "obs", safe_frame(obs))
             for key, value in obsm.items():
                 if "obsm" not in f:
                     write_elem(f, "obsm", {})
@@ -507,7 +419,7 @@ def write_result_h5ad(source_path: Path, target: Path, obs: pd.DataFrame, obsm: 
             old = read_elem(f["uns"]) if "uns" in f else {}
             if "uns" in f:
                 del f["uns"]
-            write_elem(f, "uns", _safe_uns({**old, **uns}, "uns"))
+            write_elem(f, "uns", safe_uns({**old, **uns}, "uns"))
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

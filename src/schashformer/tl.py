@@ -72,7 +72,7 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
     if getattr(model, "out_of_core_", False):  # the matrix may be on disk (backed): checksum chunk by chunk
         from .streaming import CountSource, data_checksum
 
-        checksum = data_checksum(CountSource.from_anndata(adata, layer), getattr(model, "_stream_scan_", None))
+        checksum = data_checksum(CountSource.from_anndata(adata, layer), getattr(model, "stream_scan_", None))
     else:
         checksum = record.data_checksum(count_matrix(adata, layer))
     timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - start, 3)}}

@@ -11,6 +11,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+from sklearn.cluster import KMeans
 import scipy.sparse as sp
 
 from ..errors import InputError, ParameterError
@@ -160,8 +161,6 @@ def pca_kmeans(adata: ad.AnnData, n_clusters: int, *, seed: int = 0, n_top_genes
 
     info holds time_preprocess, time_pca and time_kmeans (seconds).
     """
-    from sklearn.cluster import KMeans
-
     _check_int("n_clusters", n_clusters, 1, adata.n_obs)
     a, info = _preprocess_pca(adata, seed=seed, n_top_genes=n_top_genes, n_pcs=n_pcs, scale=True)
     start = time.perf_counter()

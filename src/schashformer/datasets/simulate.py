@@ -36,7 +36,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
+from scipy.optimize import least_squares
+from tqdm.auto import tqdm
 
+from .. import io
 from ..errors import InputError, OutputExistsError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -160,8 +164,6 @@ def _fit_mixing(xd: np.ndarray, codes: np.ndarray, props: np.ndarray) -> tuple[n
 
 def _fit_logistic(logmean: np.ndarray, pi: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
     """Weighted least squares fit of pi = sigmoid(a + b * logmean); (a, b)."""
-    from scipy.optimize import least_squares
-
     ok = np.isfinite(logmean) & (weight > 0)
     lm, p, sw = logmean[ok], pi[ok], np.sqrt(weight[ok] / weight[ok].sum())
     res = least_squares(lambda ab: sw * (_sigmoid(ab[0] + ab[1] * lm) - p), x0=np.array([-3.0, 0.0]))
@@ -170,8 +172,6 @@ def _fit_logistic(logmean: np.ndarray, pi: np.ndarray, weight: np.ndarray) -> tu
 
 def load_reference(like: str) -> tuple[ad.AnnData, str]:
     """(AnnData with ``obs['label']``, name) of a reference named in :data:`REFERENCES` or a file path."""
-    from .. import io
-
     if like in REFERENCES:
         if like == "PBMC":
             return io.read_bundled_pbmc(), like
@@ -274,9 +274,6 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
 def _write_chunks(out: Path, chunks, n_cells: int, var: pd.DataFrame, cats: list, params: SimulationParams,
                   seed: int, progress: bool) -> Path:
     """Write an AnnData file from (CSR, types) chunks with anndata's on-disk sparse append; atomic rename."""
-    from anndata.io import sparse_dataset, write_elem
-    from tqdm.auto import tqdm
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name("." + out.name + ".partial")
     types = np.empty(n_cells, dtype=np.int16)

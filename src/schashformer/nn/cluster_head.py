@@ -28,9 +28,12 @@ class ClusterHead(nn.Module):
         return q / q.sum(1, keepdim=True)
 
 
-def target_distribution(q: torch.Tensor) -> torch.Tensor:
-    """DEC target p_ij = q_ij^2 / f_j, normalised per cell (f_j = sum_i q_ij)."""
-    weight = q.pow(2) / q.sum(0)
+def target_distribution(q: torch.Tensor, frequencies: torch.Tensor | None = None) -> torch.Tensor:
+    """DEC target p_ij = q_ij^2 / f_j, normalised per cell (f_j = sum_i q_ij).
+
+    ``frequencies`` (K,) gives f when ``q`` holds only some of the cells (f summed over processes).
+    """
+    weight = q.pow(2) / (q.sum(0) if frequencies is None else frequencies)
     return weight / weight.sum(1, keepdim=True)
 
 

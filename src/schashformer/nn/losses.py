@@ -1,0 +1,156 @@
+"""The training objectives of both stages as modules: the networks they train plus their losses.
+
+Each loss module computes what *this process* contributes to the loss of one global batch:
+terms that are means over cells (ZINB, KL) are weighted by ``share``, this process's fraction of
+the batch's cells, and in-batch terms (contrastive, bit balance, consistency) are computed on
+rows gathered from every process by ``gather`` (the identity in one process). Summing every
+process's gradient (:class:`schashformer.engine.Comm`) then gives the gradient of the whole
+batch's loss; in one process ``share`` is 1 and ``gather`` the identity, so nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cluster_head import ClusterHead, kl_loss
+from .local_attention import NeighbourhoodEncoder
+from .lsh import LSHIndexer, bit_balance_loss, bucket_contrastive_loss
+from .zinb import ZINBDecoder, zinb_nll
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of ``a`` and row i of ``b`` are positives, other rows negatives."""
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    logits = a @ b.T / tau
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+class HashingLoss(nn.Module):
+    """Stage 1: the hasher's loss on two augmented views of a minibatch.
+
+    ZINB reconstruction of the counts from view 1's hidden layer, the bucket-contrastive loss
+    between the views' hash embeddings, bit balance and quantisation (:mod:`schashformer.nn.lsh`).
+
+    Parameters
+    ----------
+    indexer : the hasher being trained.
+    tau, bucket_weight, detach_codes : see :class:`schashformer.train.TrainConfig`.
+    w_zinb, w_contrastive, w_balance, w_quantisation : weights of the terms (``w_zinb`` 0 leaves
+        the ZINB term out of the graph: the decoder then gets no gradient).
+    """
+
+    def __init__(self, indexer: LSHIndexer, *, tau: float, bucket_weight: float, detach_codes: bool, w_zinb: float,
+                 w_contrastive: float, w_balance: float, w_quantisation: float):
+        super().__init__()
+        self.indexer = indexer
+        self.tau, self.bucket_weight, self.detach_codes = tau, bucket_weight, detach_codes
+        self.w_zinb, self.w_contrastive, self.w_balance, self.w_quantisation = (w_zinb, w_contrastive, w_balance,
+                                                                                w_quantisation)
+
+    # terms computed on the whole (gathered) batch, identical in every process; the others are shares
+    batch_terms = frozenset({"contrastive", "balance", "quantisation"})
+
+    def weights(self) -> dict[str, float]:
+        """Weight of each term in the loss (for the reported total)."""
+        return {"zinb": self.w_zinb, "contrastive": self.w_contrastive, "balance": self.w_balance,
+                "quantisation": self.w_quantisation}
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
+                batch_onehot: torch.Tensor | None, share: float = 1.0,
+                gather: Gather = _identity) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Views (rows, genes) of this process's rows -> (loss, detached terms).
+
+        ``terms["zinb"]`` is this process's share of the ZINB mean; the other terms are the
+        whole batch's (identical in every process).
+        """
+        ix = self.indexer
+        hidden1, hidden2 = ix.encode(x1), ix.encode(x2)
+        src1, src2 = (hidden1.detach(), hidden2.detach()) if self.detach_codes else (hidden1, hidden2)
+        h1, h2 = gather(ix.soft_codes(src1)), gather(ix.soft_codes(src2))
+        terms = {"contrastive": bucket_contrastive_loss(h1, h2, ix.codes(h1.detach()), self.tau, self.bucket_weight),
+                 "balance": bit_balance_loss(h1), "quantisation": (h1 - h1.detach().round()).abs().mean()}
+        loss = self.w_contrastive * terms["contrastive"]
+        if len(x1):
+            zinb = zinb_nll(counts, *ix.decoder(hidden1, size_factors, batch_onehot))
+            zinb = zinb if share == 1 else zinb * share
+            # w_zinb = 0 leaves the term out of the graph (ablation): the decoder gets no gradient
+            if self.w_zinb > 0:
+                loss = (zinb if self.w_zinb == 1 else self.w_zinb * zinb) + loss
+            terms["zinb"] = zinb
+        else:  # no rows in this process this step: touch the encoder so every process's graph has it
+            terms["zinb"] = hidden1.sum() * 0.0
+            loss = loss + terms["zinb"]
+        loss = loss + self.w_balance * terms["balance"] + self.w_quantisation * terms["quantisation"]
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+class NeighbourhoodLoss(nn.Module):
+    """Stage 2: the neighbourhood encoder's ZINB reconstruction, optionally + consistency and KL(P || Q).
+
+    Parameters
+    ----------
+    encoder, decoder : the neighbourhood Transformer and its ZINB decoder.
+    head : the clustering head (None: pre-training, no KL term).
+    chunk_size : C, query cells per chunk.
+    tau : temperature of the consistency InfoNCE.
+    w_zinb, w_consistency, w_kl : weights of the terms.
+    """
+
+    def __init__(self, encoder: NeighbourhoodEncoder, decoder: ZINBDecoder, head: ClusterHead | None, *,
+                 chunk_size: int, tau: float, w_zinb: float, w_consistency: float, w_kl: float):
+        super().__init__()
+        self.encoder, self.decoder, self.head = encoder, decoder, head
+        self.chunk_size, self.tau = chunk_size, tau
+        self.w_zinb, self.w_consistency, self.w_kl = w_zinb, w_consistency, w_kl
+
+    batch_terms = frozenset({"consistency"})
+
+    def weights(self) -> dict[str, float]:
+        """Weight of each term in the loss (for the reported total)."""
+        return {"zinb": self.w_zinb, "consistency": self.w_consistency, "kl": self.w_kl}
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Tokens (chunks, 2C, width) with key mask (chunks, 2C) -> z of the present query cells (n, latent)."""
+        c = self.chunk_size
+        return self.encoder(x, mask, n_query=c)[mask[:, -c:]]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
+                batch_onehot: torch.Tensor | None, p: torch.Tensor | None, share: float = 1.0,
+                gather: Gather = _identity) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This process's chunks of a batch -> (loss, detached terms); ``p`` (queries, K) the target rows."""
+        z = self.embed(x, mask)
+        if len(z):
+            zinb = zinb_nll(counts, *self.decoder(z, size_factors, batch_onehot))
+        else:  # no query cell in this process this step (a mean over none is undefined)
+            zinb = z.sum() * 0.0
+        loss = self.w_zinb * zinb
+        terms = {"zinb": zinb}
+        if self.w_consistency > 0:
+            # A second pass sees other dropout noise on tokens and attention: its z must still
+            # identify the same cell among the batch (SimCSE-style), which keeps z discriminative.
+            cons = info_nce(gather(z), gather(self.embed(x, mask)), self.tau)
+            terms["consistency"] = cons
+        if self.head is not None:
+            kl = kl_loss(p, self.head(z)) if len(z) else z.sum() * 0.0
+            terms["kl"] = kl
+        if share != 1:  # the means over cells become this process's share of the batch's means
+            loss = loss * share
+            terms["zinb"] = terms["zinb"] * share
+            if "kl" in terms:
+                terms["kl"] = terms["kl"] * share
+        if "consistency" in terms:
+            loss = loss + self.w_consistency * terms["consistency"]
+        if "kl" in terms:
+            loss = loss + self.w_kl * terms["kl"]
+        return loss, {k: v.detach() for k, v in terms.items()}
