@@ -19,11 +19,13 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from . import interrupt, outdir
 from .errors import InputError, OutputError, OutputExistsError, ParameterError, SCHashFormerError
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output directory")
     _common(run)
     run.add_argument("--format", default=None, help="input format (h5ad, xy_h5, 10x_h5, mtx, csv, tsv); default: guess")
-    run.add_argument("--transpose", action="store_true", help="csv/tsv rows are genes, columns cells")
+    run.add_argument("--transpose", action="store_true", default=None, help="csv/tsv rows are genes, columns cells")
+    run.add_argument("--no-transpose", dest="transpose", action="store_false",
+                     help="csv/tsv rows are cells, even if they look like genes (by default such a table is refused)")
     run.add_argument("--nproc", type=int, default=1, metavar="N",
                      help="train on N local processes with torch.distributed (torchrun; gloo on CPU, nccl on GPUs); "
                           "see docs/DISTRIBUTED.md")
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--input", default=None, help="the input file, if it moved (its checksum must still match)")
     again.add_argument("--device", default=None, help="auto, cpu or cuda (default: the device of the recorded run)")
     again.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    again.add_argument("--resume", action="store_true",
+                       help=f"continue the interrupted re-run checkpointed in OUT/{CHECKPOINT_DIR}")
     again.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
     again.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-key", default=None, help="obs column of known labels (evaluation only)")
     p.add_argument("--batch-key", default=None, help="obs column of batches (ZINB covariate)")
-    p.add_argument("--layer", default=None, help="layer holding raw counts instead of X")
+    p.add_argument("--layer", default=None, help="layer holding raw counts instead of X ('raw': adata.raw)")
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -197,13 +203,18 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
     from . import tl
 
     check_out_dir(out, overwrite, resume)
+    taken = [f"{where}['{key}']" for where, key in (("obs", "schashformer"), ("obsm", "X_schashformer"),
+                                                     ("uns", "schashformer")) if key in getattr(adata, where)]
+    if taken and model is None:  # e.g. a result.h5ad clustered again: the input file itself is never changed
+        _warn(f"the input already holds the results of an earlier run ({', '.join(taken)}); they are replaced in "
+              f"{out / 'result.h5ad'} (the input file is not changed)")
     if model is not None:
         tl.write_results(adata, model, labels_key=labels_key, batch_key=batch_key, layer=layer)
     else:
         _, model = tl.cluster(adata, n_clusters, resolution=resolution, labels_key=labels_key, batch_key=batch_key,
                               layer=layer, n_top_genes=n_top_genes, seed=seed, device=device,
                               allow_noncounts=allow_noncounts,
-                              progress=progress, return_model=True, overwrite=overwrite,
+                              progress=progress, return_model=True, overwrite=True,
                               checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=checkpoint_every,
                               keep_checkpoint=True, resume=resume, **(params or {}))
     record = adata.uns["schashformer"]
@@ -237,14 +248,14 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
 
 
 def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device: str | None = None,
-              overwrite: bool = False, umap: bool = True, progress: bool = True) -> dict:
+              overwrite: bool = False, umap: bool = True, progress: bool = True, resume: bool = False) -> dict:
     """Re-run the clustering recorded in ``result`` (a result.h5ad) on its input, which must be unchanged."""
     import anndata as ad
 
     from . import __version__, io, record
     from .preprocess import count_matrix
 
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, resume)
     if not result.is_file():
         raise InputError(f"{result}: no such file")
     try:
@@ -273,7 +284,7 @@ def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device:
                                     "allow_noncounts") if k in args}  # older records lack "resolution"
     recorded_device = record.plain(rec["params"].get("device_used")) or "auto"
     return run_cluster(adata, out=out, device=device or recorded_device, params=args, overwrite=overwrite, umap=umap,
-                       progress=progress, input_name=str(path), reference_labels=labels,
+                       progress=progress, input_name=str(path), reference_labels=labels, resume=resume,
                        source={"path": path, "format": source.get("format"), "transpose": source.get("transpose")},
                        **run)
 
@@ -302,19 +313,54 @@ def print_report(report: dict, out: Path) -> None:
     print(f"time {total:.1f} s, peak memory {peak:.2f} GiB; results in {out}/ ({', '.join(written)})")
 
 
+_default_showwarning = warnings.showwarning
+
+
+def _warn(message: str) -> None:
+    print(f"schashformer: warning: {message}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The package's own UserWarnings as one line, like the errors; other warnings as Python shows them."""
+    if category is UserWarning and f"{os.sep}schashformer{os.sep}" in str(filename):
+        _warn(str(message))
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+def _preflight(args, params: dict) -> None:
+    """Every parameter of ``cluster`` / ``demo`` / ``rerun`` checked before the disk is touched."""
+    from .model import SCHashFormer
+    from .validate import resolve
+
+    if args.command == "rerun":
+        if args.device is not None:
+            resolve(args.device)
+        return
+    if args.command == "cluster" and args.nproc < 1:
+        raise ParameterError(f"--nproc must be >= 1, got {args.nproc}")
+    n_clusters = args.n_clusters if args.command == "cluster" else 8
+    if n_clusters is not None and n_clusters < 2:
+        raise ParameterError(f"n_clusters must be an integer >= 2, got {n_clusters!r} (or None to estimate it)")
+    SCHashFormer(n_clusters, resolution=getattr(args, "resolution", 0.5), n_top_genes=args.n_top_genes,
+                 seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every, **params)
+    resolve(args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``schashformer`` command; returns the exit status (0, 2 for a refused input, 130 / 143 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.command == "cluster" and args.nproc != 1:
-        if args.nproc < 1:
-            print(f"schashformer: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
-            return 2
-        from .distributed import launch, strip_nproc
+    with warnings.catch_warnings(), interrupt.signals_raise():
+        warnings.showwarning = _show_warning
+        warnings.filterwarnings("always", category=UserWarning, module=r"schashformer\.")  # every run shows its own
+        return _main(args, argv)
 
-        return launch(strip_nproc(sys.argv[1:] if argv is None else list(argv)), args.nproc)
+
+def _main(args, argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    checkpoint = None  # OUT/.checkpoint of the commands that train, for the message on Ctrl-C / SIGTERM
     try:
-        from . import io
-
         from . import cli_analysis
 
         if args.command in cli_analysis.COMMANDS:  # annotate, evaluate: their own output files
@@ -328,44 +374,63 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in cli_scale.COMMANDS:  # simulate: writes one .h5ad, not a results directory
             return cli_scale.main(args)
         out = Path(args.out)
-        check_out_dir(out, args.overwrite, getattr(args, "resume", False))  # fail before any work
-        if args.command == "rerun":
-            report = run_rerun(Path(args.result), out=out, input_path=args.input, device=args.device,
-                               overwrite=args.overwrite, umap=not args.no_umap, progress=not args.quiet)
-            same = report.get("rerun", {}).get("identical_labels")
-            print("the recorded result holds no labels to compare" if same is None else
-                  f"labels {'identical to' if same else 'differ from'} the recorded run"
-                  + ("" if same else f" ({report['rerun']['n_cells_differing']} cells)"))
-            print_report(report, out)
-            return 0
-        if args.command == "cluster":
-            params = parse_params(args.param)
-            if cli_scale.wants_out_of_core(args, params.get("train_cells")):  # stream a large .h5ad
-                report = cli_scale.run_cluster_out_of_core(args, out, params)
-                print_report(report, out)
-                return 0
-        start = time.perf_counter()
-        if args.command == "demo":
-            adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
-            n_clusters, labels_key, resolution = 8, args.labels_key or "label", 0.5
-            source = {"path": io.bundled_pbmc_path(), "format": "xy_h5"}
-        else:
-            adata = io.read(args.input, format=args.format, transpose=args.transpose)
-            name, n_clusters, labels_key, resolution = args.input, args.n_clusters, args.labels_key, args.resolution
-            source = {"path": args.input, "format": args.format, "transpose": args.transpose}
-        print(f"read {name}: {adata.n_obs} cells x {adata.n_vars} genes")
-        report = run_cluster(adata, n_clusters=n_clusters, resolution=resolution, out=out, labels_key=labels_key,
-                             batch_key=args.batch_key, layer=args.layer, n_top_genes=args.n_top_genes,
-                             seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
-                             params=parse_params(args.param), overwrite=args.overwrite, umap=not args.no_umap,
-                             progress=not args.quiet, input_name=str(name), source=source,
-                             read_seconds=time.perf_counter() - start, resume=args.resume,
-                             checkpoint_every=args.checkpoint_every)
-        print_report(report, out)
-        return 0
+        params = parse_params(getattr(args, "param", None))
+        _preflight(args, params)  # every parameter, before anything is read or written
+        outdir.check_writable(out)  # fail before any work
+        with outdir.OutLock(out):  # held until the results are in place: a second run on out is refused
+            for line in outdir.recover(out, RESULT_FILES + (CHECKPOINT_DIR,)):  # a run killed while swapping results
+                _warn(line)
+            check_out_dir(out, args.overwrite, args.resume)  # after recovery: restored results need --overwrite
+            checkpoint = out / CHECKPOINT_DIR
+            return _run(args, argv, out, params)
     except SCHashFormerError as exc:
         print(f"schashformer: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (interrupt.Terminated)
+        print(f"schashformer: {interrupt.message(exc, argv, checkpoint)}", file=sys.stderr)
+        return interrupt.exit_code(exc)
+
+
+def _run(args, argv: list[str], out: Path, params: dict) -> int:
+    from . import cli_scale, io
+
+    if args.command == "cluster" and args.nproc != 1:
+        from .distributed import launch, strip_nproc
+
+        return launch(strip_nproc(argv), args.nproc)
+    if args.command == "rerun":
+        report = run_rerun(Path(args.result), out=out, input_path=args.input, device=args.device,
+                           overwrite=args.overwrite, umap=not args.no_umap, progress=not args.quiet,
+                           resume=args.resume)
+        same = report.get("rerun", {}).get("identical_labels")
+        print("the recorded result holds no labels to compare" if same is None else
+              f"labels {'identical to' if same else 'differ from'} the recorded run"
+              + ("" if same else f" ({report['rerun']['n_cells_differing']} cells)"))
+        print_report(report, out)
+        return 0
+    if args.command == "cluster" and cli_scale.wants_out_of_core(args, params.get("train_cells")):
+        report = cli_scale.run_cluster_out_of_core(args, out, params)  # stream a large .h5ad
+        print_report(report, out)
+        return 0
+    start = time.perf_counter()
+    if args.command == "demo":
+        adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
+        n_clusters, labels_key, resolution = 8, args.labels_key or "label", 0.5
+        source = {"path": io.bundled_pbmc_path(), "format": "xy_h5"}
+    else:
+        adata = io.read(args.input, format=args.format, transpose=args.transpose)
+        name, n_clusters, labels_key, resolution = args.input, args.n_clusters, args.labels_key, args.resolution
+        source = {"path": args.input, "format": args.format, "transpose": bool(args.transpose)}
+    print(f"read {name}: {adata.n_obs} cells x {adata.n_vars} genes")
+    report = run_cluster(adata, n_clusters=n_clusters, resolution=resolution, out=out, labels_key=labels_key,
+                         batch_key=args.batch_key, layer=args.layer, n_top_genes=args.n_top_genes,
+                         seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
+                         params=params, overwrite=args.overwrite, umap=not args.no_umap,
+                         progress=not args.quiet, input_name=str(name), source=source,
+                         read_seconds=time.perf_counter() - start, resume=args.resume,
+                         checkpoint_every=args.checkpoint_every)
+    print_report(report, out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .checkpoint import Checkpointer, fingerprint_arrays
 from .preprocess import GeneStats, Prepared, expand_to_cells, prepare
 from .train import TrainConfig
 from .version import __version__
-from .validate import check_adata, check_params, is_int, one_line, resolve
+from .validate import check_adata, check_params, check_seed, is_int, one_line, resolve, warn_narrow
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
@@ -79,6 +79,7 @@ class SCHashFormer:
                                  ("checkpoint_every", checkpoint_every, 0)):
             if not is_int(value) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_seed(seed)
         self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
         self.n_clusters_ = n_clusters  # the K used: None until fit estimates it when not given
         self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
@@ -136,6 +137,7 @@ class SCHashFormer:
             batch_index, self.batch_categories_ = self._batches(adata, batch_key, prep.cell_mask)
             data = CellData(prep, batch_index, len(self.batch_categories_), device)
         self.stats_ = prep.stats
+        warn_narrow(cfg, prep.n_genes, prep.n_cells)
 
         ckpt = None if self.checkpoint_dir is None else self.checkpointer(prep, data, device, rng, self.checkpoint_dir)
         state = ckpt.load() if ckpt is not None and resume else None
@@ -180,12 +182,15 @@ class SCHashFormer:
         self._fitted = True
 
     def check_fit_params(self, n_cells: int | None = None) -> None:
-        """Refuse an invalid ``n_clusters`` (or one above ``n_cells``, when given) before any work."""
+        """Refuse an invalid ``n_clusters`` (or one above ``n_cells``, when given), or without it a resolution
+        too high for ``n_cells`` (:func:`schashformer.n_clusters.check_resolution_for`), before any work."""
         if self.n_clusters is not None and (not is_int(self.n_clusters) or self.n_clusters < 2):
             raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r} "
                                  "(or None to estimate it)")
         if self.n_clusters is not None and n_cells is not None and self.n_clusters > n_cells:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({n_cells})")
+        if self.n_clusters is None and n_cells is not None:  # a resolution too high would collapse K after training
+            n_clusters_mod.check_resolution_for(self.resolution, n_cells, self.config.graph_neighbors)
 
     def fit_predict(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
         """``fit`` then return ``labels_``."""

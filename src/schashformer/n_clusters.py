@@ -6,7 +6,10 @@ the sparse kNN graph of the stage-2 embedding z whose neighbours come from the h
 neighbourhoods only (:func:`schashformer.buckets.hash_knn_graph`): O(cells x heads x chunk)
 to build, near-linear to partition, and never a global kNN search. K is the number of
 communities with at least ``min_size`` cells; smaller ones (a few outlier cells) do not
-count as clusters. ``resolution`` gives finer (> 1) or coarser (< 1) clusters.
+count as clusters. ``resolution`` gives finer (> 1) or coarser (< 1) clusters. A resolution so
+high that no community could reach the minimum size (:func:`max_resolution`, 10 for 300 cells) is
+refused before training; if Leiden still leaves fewer than two communities of that size, the
+resolution is halved until it does not, with a warning (never the silent fall-back to two clusters).
 
 The alternatives measured against it are kept for the benchmark (``method=``):
 ``"silhouette"`` (k-means on a subsample of z over a range of K, the K of best silhouette).
@@ -15,6 +18,7 @@ The alternatives measured against it are kept for the benchmark (``method=``):
 from __future__ import annotations
 
 import math
+import warnings
 
 import igraph as ig
 import leidenalg
@@ -39,6 +43,32 @@ def check_resolution(resolution) -> float:
         raise ParameterError(f"resolution must be a number > 0 (default {DEFAULT_RESOLUTION}; higher gives more clusters), "
                              f"got {resolution!r}")
     return float(resolution)
+
+
+def min_size_for(n_cells: int) -> int:
+    """The smallest community counted as a cluster: 0.5% of the cells, at least 2, at most 10."""
+    return max(2, min(10, math.ceil(MIN_SIZE_FRACTION * n_cells)))
+
+
+def max_resolution(n_cells: int, n_neighbors: int = 15) -> float:
+    """The highest Leiden resolution that can still give communities of ``min_size_for(n_cells)`` cells.
+
+    In the RB-configuration model a community of m cells whose ~k neighbours each lie inside it holds
+    about m k / 2 edges against resolution x (m k)^2 / (2 N k) expected, so it survives only below
+    about N / (m k); half of that leaves room for neighbours outside the community. Above it every
+    community falls under the minimum size and K would collapse (measured: 300 PBMC cells, k = 15,
+    bound 10: resolution 5 gave 25 clusters, 50 and 1000 fell back to 2).
+    """
+    return max(1.0, n_cells / (min_size_for(n_cells) * max(n_neighbors, 1)))
+
+
+def check_resolution_for(resolution: float, n_cells: int, n_neighbors: int = 15) -> None:
+    """Refuse, before training, a resolution so high that every Leiden community would be too small to count."""
+    top = max_resolution(n_cells, n_neighbors)
+    if resolution > top:
+        raise ParameterError(f"resolution={resolution:g} is too high for {n_cells} cells: above about {top:g} Leiden "
+                             f"splits them into communities smaller than {min_size_for(n_cells)} cells, which do not "
+                             f"count as clusters; use a resolution <= {top:g} or give n_clusters (--n-clusters)")
 
 
 def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = 2) -> np.ndarray:
@@ -66,7 +96,7 @@ def significant(labels: np.ndarray, min_size: int | None = None) -> np.ndarray:
     """Labels of the communities with at least ``min_size`` cells (default: 0.5% of the cells, at most 10)."""
     sizes = np.bincount(labels)
     if min_size is None:
-        min_size = max(2, min(10, math.ceil(MIN_SIZE_FRACTION * len(labels))))
+        min_size = min_size_for(len(labels))
     big = np.flatnonzero(sizes >= min_size)
     return big if len(big) >= 2 else np.argsort(-sizes)[:2]
 
@@ -97,6 +127,15 @@ def estimate(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, *, resolu
     if method == "leiden":
         graph = buckets.hash_knn_graph(z, orders, chunk_size, n_neighbors)
         labels = leiden(graph, resolution, seed)
+        used = resolution
+        # too fine: fewer than two communities reach the minimum size although there are many; lower the
+        # resolution (halving) until two do, instead of silently falling back to the two largest fragments
+        while len(np.flatnonzero(np.bincount(labels) >= min_size_for(n))) < 2 and labels.max() + 1 > 2 and used > 1e-3:
+            used /= 2
+            labels = leiden(graph, used, seed)
+        if used != resolution:
+            warnings.warn(f"resolution={resolution:g} split the {n} cells into communities smaller than "
+                          f"{min_size_for(n)} cells; used resolution {used:g} instead", UserWarning, stacklevel=2)
         labels = merge_small(z, labels, significant(labels))
     elif method == "silhouette":
         labels = silhouette_kmeans(z, seed=seed, max_clusters=max_clusters or 30)

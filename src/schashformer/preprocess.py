@@ -78,7 +78,13 @@ class Prepared:
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
-    """The (cells x genes) matrix of ``adata`` (or one of its layers) as CSR float32."""
+    """The (cells x genes) matrix of ``adata`` (or one of its layers) as CSR float32.
+
+    ``layer="raw"`` (when there is no layer of that name) takes ``adata.raw.X``, restricted to
+    ``adata.var_names`` in their order (scanpy keeps every gene in ``.raw``).
+    """
+    if layer == "raw" and "raw" not in adata.layers:
+        return sp.csr_matrix(_raw_counts(adata), dtype=np.float32)
     if layer is not None and layer not in adata.layers:
         raise InputError(f"layer {layer!r} not found; available layers: {list(adata.layers)}")
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -99,6 +105,29 @@ def count_matrix(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
     if x.dtype.kind not in "biuf":
         raise InputError(f"{where} has dtype {x.dtype}; expected numbers")
     return sp.csr_matrix(x, dtype=np.float32)
+
+
+def _raw_counts(adata: ad.AnnData):
+    if adata.raw is None:
+        raise InputError(f"layer 'raw': adata.raw is empty (None) and there is no layer 'raw'; available layers: "
+                         f"{list(adata.layers)}")
+    missing = adata.var_names.difference(adata.raw.var_names)
+    if len(missing):
+        raise InputError(f"layer 'raw': {len(missing)} of adata.var_names are not in adata.raw.var_names "
+                         f"(e.g. {missing[0]!r})")
+    x = adata.raw[:, adata.var_names].X
+    return x if sp.issparse(x) else np.asarray(x)
+
+
+def raw_holds_counts(adata: ad.AnnData) -> bool:
+    """``adata.raw`` exists, covers ``adata.var_names`` and holds non-negative integers (raw counts)."""
+    try:
+        x = count_matrix(adata, "raw")
+    except (InputError, ValueError, TypeError, KeyError):
+        return False
+    data = x.data
+    return bool(x.nnz) and bool(np.isfinite(data).all() and (data >= 0).all() and (np.abs(data - np.round(data))
+                                                                                   <= 1e-3).all())
 
 
 def check_names(adata: ad.AnnData) -> None:
@@ -177,6 +206,11 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
     cell_mask = total > 0
     if int(reduce([cell_mask.sum()])[0]) == 0:
         raise InputError(f"all {int(reduce([len(total)])[0])} cells have zero counts; nothing to cluster")
+    if not cell_mask.all():  # this process's cells
+        empty = np.flatnonzero(~cell_mask)
+        warnings.warn(f"{len(empty)} of {len(cell_mask)} cells have zero counts (e.g. {str(adata.obs_names[empty[0]])!r}); "
+                      "they are not clustered: label -1 (empty in clusters.csv) and a zero embedding",
+                      UserWarning, stacklevel=3)
     x, total = x[cell_mask], total[cell_mask]
     logn = log_normalise(x, total)
 
@@ -200,7 +234,15 @@ def checked_counts(adata: ad.AnnData, layer: str | None, allow_noncounts: bool) 
     check_names(adata)
     x = count_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    validate_counts(x, allow_noncounts, where=where)
+    if layer == "raw" and "raw" not in adata.layers:
+        where = "adata.raw.X"
+    try:
+        validate_counts(x, allow_noncounts, where=where)
+    except InputError as exc:
+        if layer is None and "non-integer" in str(exc) and raw_holds_counts(adata):
+            raise InputError(f"{exc}; adata.raw holds raw counts: pass layer='raw' (--layer raw) to "
+                             "cluster them") from None
+        raise
     total = np.asarray(x.sum(1)).ravel()
     if not np.isfinite(total).all():
         raise InputError(f"{where}: the counts of {int((~np.isfinite(total)).sum())} cells sum beyond the float32 "

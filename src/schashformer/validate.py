@@ -43,6 +43,37 @@ def check_params(params: dict) -> None:
     bits = params.get("hash_bits")
     if bits is not None and not 1 <= bits <= 62:
         raise ParameterError(f"hash_bits must be in [1, 62] (or None for automatic), got {bits}")
+    check_values(params)
+
+
+# float fields that must be >= 0 (weights, noise, rates); lr and tau must be > 0 (TrainConfig.validate)
+NON_NEGATIVE = ("input_noise", "w_zinb", "w_contrastive", "bucket_weight", "w_balance", "w_quantisation",
+                "w_consistency", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
+SEED_MAX = 2**32 - 1  # numpy's legacy generator and scikit-learn's random_state accept [0, 2**32 - 1]
+
+
+def check_values(params: dict) -> None:
+    """Float hyper-parameters must be finite (NaN/inf would only fail after training), weights and noise >= 0."""
+    for name, value in params.items():
+        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            raise ParameterError(f"parameter {name} must be a finite number, got {value!r}")
+        if is_int(value) and abs(int(value)) > 2**62:
+            raise ParameterError(f"parameter {name} is out of range, got {value!r}")
+    for name in NON_NEGATIVE:
+        value = params.get(name)
+        if value is not None and value < 0:
+            raise ParameterError(f"parameter {name} must be >= 0, got {value!r}")
+    if params.get("graph_neighbors") is not None and params["graph_neighbors"] < 1:  # a graph without edges
+        raise ParameterError(f"parameter graph_neighbors must be >= 1, got {params['graph_neighbors']!r}")
+
+
+def check_seed(seed) -> None:
+    """``seed`` an integer in [0, 2**32 - 1]: larger seeds overflow numpy / scikit-learn after training."""
+    if not is_int(seed) or seed < 0:
+        raise ParameterError(f"seed must be an integer >= 0, got {seed!r}")
+    if seed > SEED_MAX:
+        raise ParameterError(f"seed must be an integer <= {SEED_MAX} (2**32 - 1, the range numpy and scikit-learn "
+                             f"accept), got {seed}")
 
 
 def resolve(device) -> torch.device:
@@ -52,6 +83,8 @@ def resolve(device) -> torch.device:
     except RuntimeError as exc:
         raise ParameterError(f"device={device!r} is not a device name; use 'auto', 'cpu' or 'cuda' "
                              f"({one_line(exc)})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ParameterError(f"device={device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ParameterError(f"device={device!r} was requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
     return dev
@@ -61,3 +94,21 @@ def one_line(exc: BaseException) -> str:
     """``Type: first line of the message`` of a library exception, for a one-line error."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+
+
+def warn_narrow(config: TrainConfig, n_genes: int, n_cells: int) -> None:
+    """Warn (before training) when there are fewer genes or cells than principal components asked for.
+
+    ``token_pcs`` / ``input_pcs`` are capped at min(genes, cells), so the stage-2 tokens, and with
+    ``token_residual`` the embedding, come out narrower than hash_latent + token_pcs.
+    """
+    import warnings
+
+    limit = min(n_genes, n_cells)
+    for name in ("token_pcs", "input_pcs"):
+        asked = getattr(config, name)
+        if asked > limit:
+            what = f"the embedding has {config.hash_latent + limit} columns, not {config.hash_latent + asked}" \
+                if name == "token_pcs" and config.token_residual else "the projection is narrower"
+            warnings.warn(f"{name}={asked} exceeds the {n_genes} genes x {n_cells} cells kept; only {limit} principal "
+                          f"components are used, so {what}", UserWarning, stacklevel=3)
