@@ -772,6 +772,7 @@ def fit(ctx: Context, shard: ad.AnnData, *, n_clusters: int, n_top_genes: int = 
         raise ParameterError(f"a distributed run needs n_clusters, an integer >= 2 (--n-clusters K), got {n_clusters!r}")
     model = SCHashFormer(n_clusters, n_top_genes=n_top_genes, seed=seed, device=device,
                          allow_noncounts=allow_noncounts, progress=False, **params)
+    model.check_params()
     cfg = model.config
     if cfg.init != "kmeans":
         raise ParameterError("init='leiden' needs the whole hash kNN graph; with --nproc use init=kmeans")
@@ -992,10 +993,9 @@ def _write_in_memory_result(args, out: Path, model, params: dict, read_seconds: 
     if args.labels_key is not None and args.labels_key in adata.obs:
         _labelled_bucket_stats(model, adata.obs[args.labels_key])
     report = cli.run_cluster(
-        adata, n_clusters=args.n_clusters, out=out, labels_key=args.labels_key, batch_key=args.batch_key,
-        layer=args.layer, n_top_genes=args.n_top_genes, seed=args.seed, device=args.device,
-        allow_noncounts=args.allow_noncounts, params=params, overwrite=args.overwrite, umap=not args.no_umap,
-        progress=False, input_name=str(args.input), read_seconds=max(read_seconds, 0.0), model=model,
+        adata, out=out, params=cli.estimator_params(args), labels_key=args.labels_key, batch_key=args.batch_key,
+        layer=args.layer, overwrite=args.overwrite, umap=not args.no_umap, input_name=str(args.input),
+        read_seconds=max(read_seconds, 0.0), model=model,
         source={"path": args.input, "format": args.format, "transpose": args.transpose})
     report["world_size"] = int(model.world_size_)
     return report
