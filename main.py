@@ -43,6 +43,9 @@ def read_config(path: Path) -> dict:
     cfg["params"] = params
     if "n_clusters" in params:
         raise ParameterError(f"{path}: set n_clusters at the top level, not under params")
+    fixed = sorted({"checkpoint_dir", "keep_checkpoint"} & set(params))
+    if fixed:
+        raise ParameterError(f"{path}: {fixed} are set by the output directory (checkpoints go to OUT/.checkpoint)")
     try:
         SCHashFormer.from_params({**params, "n_clusters": cfg["n_clusters"] or None}).check_params()
     except ParameterError as exc:
@@ -71,8 +74,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         adata = io.read(data, format=cfg.get("format"))
         out = Path(args.out or ROOT / "runs" / args.dataset)
-        params = {**cfg["params"], "n_clusters": int(cfg["n_clusters"]), "progress": not args.quiet,
-                  **({} if args.seed is None else {"seed": args.seed})}
+        params = {**cfg["params"], "n_clusters": int(cfg["n_clusters"]),
+                  **({"progress": False} if args.quiet else {}), **({} if args.seed is None else {"seed": args.seed})}
         report = run_cluster(adata, out=out, params=params, labels_key=cfg.get("labels_key"),
                              batch_key=cfg.get("batch_key"), overwrite=args.overwrite, input_name=str(data),
                              source={"path": data, "format": cfg.get("format")}, read_seconds=time.perf_counter() - start,
