@@ -30,7 +30,7 @@ import pandas as pd
 
 from schashformer import io, tl
 from schashformer.baselines import pca_embedding
-from schashformer.cli import _parse_params
+from schashformer.cli import parse_params
 from schashformer.datasets import add_batch_effects
 from schashformer.integration import integration_scores
 
@@ -110,7 +110,7 @@ def main() -> None:
                         help="TrainConfig field for every scHashFormer fit (e.g. shorter training on a busy machine)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, described = [], {}

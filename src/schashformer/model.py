@@ -442,7 +442,7 @@ class SCHashFormer(BaseEstimator):
     def _from_state(cls, state: dict, device: str) -> "SCHashFormer":
         """Rebuild a model (on the CPU) from the dictionary :meth:`save` wrote.
 
-        Parameters it lacks (``resolution`` before 0.x) take their defaults; the names older
+        Parameters it lacks (``resolution`` in models saved before it existed) take their defaults; the names older
         versions used are renamed (:func:`schashformer.record.rename_legacy`).
         """
         init = record.rename_legacy(dict(state["init"]))
