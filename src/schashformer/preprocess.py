@@ -22,6 +22,7 @@ from .errors import InputError, ParameterError
 
 TARGET_SUM = 1e4
 CLIP = 10.0
+DEFAULT_N_TOP_GENES = 2000  # highly variable genes used as input (SCHashFormer's n_top_genes)
 MIN_GENE_FRACTION = 0.5  # a trained model refuses input holding fewer of its genes than this
 _MAX_SIZE_FACTOR = 1e30  # keeps float32 size factors finite for absurd libraries
 _HVG_BINS = 20  # scanpy's seurat flavour
@@ -167,7 +168,7 @@ def validate_counts(x: sp.csr_matrix, allow_noncounts: bool = False, where: str 
             )
 
 
-def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = None,
+def prepare(adata: ad.AnnData, *, n_top_genes: int = DEFAULT_N_TOP_GENES, layer: str | None = None,
             allow_noncounts: bool = False, stats: GeneStats | None = None, comm=None) -> Prepared:
     """Prepare raw counts for training (``stats=None``) or for a trained model (``stats`` given).
 

@@ -19,29 +19,28 @@ from .annotate import annotate  # noqa: E402,F401  (label transfer; lives in its
 from .rare import rare_populations  # noqa: E402,F401  (per-label / per-cluster scores)
 
 
-def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: float = 0.5,
-            labels_key: str | None = None, batch_key: str | None = None,
-            layer: str | None = None, n_top_genes: int = 2000, seed: int = 0, device: str = "auto",
-            key_added: str = "schashformer", allow_noncounts: bool = False, overwrite: bool = False,
-            copy: bool = False, progress: bool = True, return_model: bool = False, checkpoint_dir=None,
-            checkpoint_every: int = 100, keep_checkpoint: bool = False, resume: bool = False, **params):
+def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, labels_key: str | None = None,
+            batch_key: str | None = None, layer: str | None = None, key_added: str = "schashformer",
+            overwrite: bool = False, copy: bool = False, return_model: bool = False, resume: bool = False,
+            **params):
     """Cluster cells with scHashFormer and write the results into ``adata``.
 
     Parameters
     ----------
     adata : AnnData with raw counts (cells x genes) in ``.X`` or ``layer``.
     n_clusters : number of clusters K; None (default) estimates it (Leiden on the hash-neighbourhood
-        graph of the embedding, see :mod:`schashformer.n_clusters`).
-    resolution : with ``n_clusters=None``, the Leiden resolution (> 0, default 0.5): higher gives more,
-        finer clusters, lower fewer, coarser ones.
+        graph of the embedding at ``resolution``, see :mod:`schashformer.n_clusters`).
     labels_key : ``obs`` column of known cell types; used only for evaluation (metrics).
     batch_key : ``obs`` column of batches, a covariate of the ZINB decoders.
-    layer, n_top_genes, seed, device, allow_noncounts, **params : see :class:`SCHashFormer`.
+    layer : layer holding the raw counts instead of ``X``.
+    **params : any parameter of :class:`SCHashFormer` (``resolution``, ``n_top_genes``, ``seed``,
+        ``device``, ``allow_noncounts``, ``progress``, ``checkpoint_dir``, ``checkpoint_every``,
+        ``keep_checkpoint`` and every training parameter), with its default there; an unknown
+        name is a :class:`ParameterError`.
     key_added : prefix of the keys written.
     overwrite : replace results already stored under ``key_added``.
     copy : work on a copy and return it.
     return_model : also return the trained :class:`SCHashFormer`.
-    checkpoint_dir, checkpoint_every, keep_checkpoint : see :class:`SCHashFormer`.
     resume : continue from the checkpoint in ``checkpoint_dir`` (see :meth:`SCHashFormer.fit`).
 
     Writes
@@ -49,7 +48,8 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
     ``obsm[f"X_{key_added}"]`` (cells, latent) embedding; ``obs[key_added]`` categorical clusters;
     ``obsm[f"{key_added}_codes"]`` (cells, hash heads) bucket ids; ``uns[key_added]``, the run
     record (:mod:`schashformer.record`): ``version``, ``versions``, ``seed``, ``params`` (every
-    argument above and every TrainConfig field, ``device_used``), ``data_checksum`` (SHA-256 of
+    parameter that defines the result, :meth:`SCHashFormer.result_params`, with ``labels_key``,
+    ``batch_key``, ``layer``, ``device`` and ``device_used``), ``data_checksum`` (SHA-256 of
     the clustered count matrix), ``timings``, ``bucket_stats``, with labels ``metrics`` and, when
     ``n_clusters`` was None, ``n_clusters_estimated`` (also ``model.n_clusters_``).
 
@@ -58,15 +58,13 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
     The AnnData if ``copy``, else None; with ``return_model`` a tuple (that, model).
     """
     check_adata(adata)
+    model = SCHashFormer.from_params({"n_clusters": n_clusters, **params})
     adata = adata.copy() if copy else adata
     keys = {"obs": key_added, "obsm": f"X_{key_added}", "uns": key_added}
     taken = [f"{where}[{k!r}]" for where, k in keys.items() if k in getattr(adata, where)]
     if taken and not overwrite:
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
 
-    model = SCHashFormer(n_clusters, resolution=resolution, n_top_genes=n_top_genes, seed=seed, device=device,
-                         allow_noncounts=allow_noncounts, progress=progress, checkpoint_dir=checkpoint_dir,
-                         checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, **params)
     model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
     start = time.perf_counter()
     if getattr(model, "out_of_core_", False):  # the matrix may be on disk (backed): checksum chunk by chunk
@@ -99,12 +97,9 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
         "versions": record.versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": int(model.seed),
-        "params": {"n_clusters": "" if model.n_clusters is None else int(model.n_clusters),
-                   "resolution": float(model.resolution), "n_top_genes": int(model.n_top_genes), "seed": int(model.seed),
+        "params": {**{k: ("" if v is None else v) for k, v in model.result_params().items()},
                    "labels_key": labels_key or "", "batch_key": batch_key or "", "layer": layer or "",
-                   "allow_noncounts": bool(model.allow_noncounts), "device": str(model.device),
-                   "device_used": str(resolve(model.device)),
-                   **{k: ("" if v is None else v) for k, v in model.config.to_dict().items()}},
+                   "device": str(model.device), "device_used": str(resolve(model.device))},
         "data_checksum": checksum or record.data_checksum(count_matrix(adata, layer)),
         "checksum_of": "X" if layer is None else f"layers[{layer!r}]",
         "shape": np.asarray(adata.shape, dtype=np.int64),
