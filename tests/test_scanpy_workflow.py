@@ -20,11 +20,47 @@ from tests.conftest import FAST, simulate_counts  # noqa: E402
 NK = "schashformer_neighbors"
 
 
+SEEN = {}  # what the fit left of the caller's random state and its log
+
+
 @pytest.fixture(scope="module")
 def clustered():
+    """scanpy's usual layout: raw counts in layers["counts"], log-normalised X; clustered with no layer=."""
+    import logging
+
+    import torch
+
     adata = simulate_counts(n_cells=300, seed=21)
-    shf.tl.cluster(adata, 3, labels_key="label", progress=False, **FAST)
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    np_before, torch_before = np.random.get_state()[1].copy(), torch.get_rng_state().clone()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("schashformer").addHandler(handler)
+    try:
+        shf.tl.cluster(adata, 3, labels_key="label", progress=False, **FAST)
+    finally:
+        logging.getLogger("schashformer").removeHandler(handler)
+    SEEN.update(numpy=np.array_equal(np.random.get_state()[1], np_before),
+                torch=torch.equal(torch.get_rng_state(), torch_before),
+                log=[r.getMessage() for r in records])
     return adata
+
+
+def test_counts_layer_is_found_and_global_random_state_is_kept(clustered):
+    from schashformer.record import data_checksum
+    from schashformer.preprocess import count_matrix
+
+    rec = clustered.uns["schashformer"]
+    assert rec["checksum_of"] == "layers['counts']"
+    assert rec["data_checksum"] == data_checksum(count_matrix(clustered, "counts"))
+    assert any("using adata.layers['counts']" in m for m in SEEN["log"]), SEEN["log"]
+    assert any("fitting on cpu" in m for m in SEEN["log"]), SEEN["log"]  # the device is logged
+    assert SEEN["numpy"] and SEEN["torch"]  # the caller's generators are as they were
 
 
 @pytest.fixture

@@ -46,13 +46,17 @@ def test_simulator_truth_and_realism():
 
 
 def test_trajectory_recovers_time(branching):
+    import scanpy as sc
+
     a = branching.copy()
-    a.uns["neighbors"] = {"user": "own"}  # the user's own results must survive
+    sc.pp.neighbors(a, use_rep="X_schashformer", n_neighbors=5, method="gauss")  # the user's own graph must survive
+    own = a.obsp["connectivities"].copy()
     shf.tl.trajectory(a, "stage=0", groups=None, umap=False)
     rho = pseudotime_correlation(a.obs["dpt_pseudotime"], a.obs["time"])
     assert rho > 0.85, rho
     # no stored graph for this embedding: one was built under the trajectory's own key, the user's kept
-    assert a.uns["neighbors"] == {"user": "own"} and a.uns["trajectory"]["neighbors_key"] == "trajectory_neighbors"
+    assert a.uns["trajectory"]["neighbors_key"] == "trajectory_neighbors"
+    assert a.uns["neighbors"]["params"]["n_neighbors"] == 5 and (a.obsp["connectivities"] != own).nnz == 0
     run = a.uns["trajectory"]
     root = run["root"]
     assert a.obs["stage"].iloc[root] == "0" and a.obs["dpt_pseudotime"].iloc[root] == 0 and a.uns["iroot"] == root

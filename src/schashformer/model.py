@@ -33,6 +33,27 @@ log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
 
 
+def _keeps_global_rng(fit):
+    """Run ``fit`` with torch's and numpy's global generators seeded (dropout and module initialisation
+    draw from torch's) and give the caller's generator states back afterwards
+    (``torch.random.fork_rng``): fitting a model never reseeds the user's random state."""
+    import functools
+
+    @functools.wraps(fit)
+    def wrapped(self, *args, **kwargs):
+        device = resolve(self.device)
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        log.info("scHashFormer: fitting on %s", device)
+        numpy_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                return fit(self, *args, **kwargs)
+        finally:
+            np.random.set_state(numpy_state)
+
+    return wrapped
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
@@ -93,6 +114,7 @@ class SCHashFormer:
         self._fitted = False
 
     # ------------------------------------------------------------------ fitting
+    @_keeps_global_rng
     def fit(self, adata: ad.AnnData, *, batch_key: str | None = None, labels_key: str | None = None,
             layer: str | None = None, resume: bool = False, stats: GeneStats | None = None) -> "SCHashFormer":
         """Train both stages on ``adata`` (raw counts, cells x genes) and cluster its cells.
@@ -421,6 +443,7 @@ class SCHashFormer:
         return Checkpointer(self.checkpoint_dir, self.checkpoint_every, fingerprint, rng)
 
     def _seed_everything(self) -> None:
+        """Seed the global generators; ``fit`` (:func:`_keeps_global_rng`) restores the caller's states after."""
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
 

@@ -13,7 +13,7 @@ import pandas as pd
 from . import __version__, record
 from .errors import InputError, ParameterError
 from .model import SCHashFormer
-from .preprocess import count_matrix
+from .preprocess import count_matrix, resolve_counts
 from .validate import check_adata, resolve
 
 from .annotate import annotate  # noqa: E402,F401  (label transfer; lives in its own module)
@@ -31,7 +31,10 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
 
     Parameters
     ----------
-    adata : AnnData with raw counts (cells x genes) in ``.X`` or ``layer``.
+    adata : AnnData with raw counts (cells x genes) in ``.X`` or ``layer``. When ``.X`` is not counts
+        (e.g. log-normalised) and ``layer`` is None, ``layers["counts"]`` or else ``adata.raw`` is
+        used when it holds counts, with a logged warning naming it (``uns[key_added]["checksum_of"]``
+        records it); otherwise the error names the problem.
     n_clusters : number of clusters K; None (default) estimates it (Leiden on the hash-neighbourhood
         graph of the embedding, see :mod:`schashformer.n_clusters`).
     resolution : with ``n_clusters=None``, the Leiden resolution (> 0, default 0.5): higher gives more,
@@ -75,17 +78,19 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
     model = SCHashFormer(n_clusters, resolution=resolution, n_top_genes=n_top_genes, seed=seed, device=device,
                          allow_noncounts=allow_noncounts, progress=progress, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, **params)
-    model.fit(adata, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
+    # log-normalised X with counts in layers["counts"] or .raw (scanpy's usual layout): use those, and say so
+    source, layer, counts_from = resolve_counts(adata, layer, allow_noncounts)
+    model.fit(source, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
     start = time.perf_counter()
     if getattr(model, "out_of_core_", False):  # the matrix may be on disk (backed): checksum chunk by chunk
         from .streaming import CountSource, data_checksum
 
-        checksum = data_checksum(CountSource.from_anndata(adata, layer), getattr(model, "_stream_scan_", None))
+        checksum = data_checksum(CountSource.from_anndata(source, layer), getattr(model, "_stream_scan_", None))
     else:
-        checksum = record.data_checksum(count_matrix(adata, layer))
+        checksum = record.data_checksum(count_matrix(source, layer))
     timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - start, 3)}}
     write_results(adata, model, key_added=key_added, labels_key=labels_key, batch_key=batch_key, layer=layer,
-                  checksum=checksum, timings=timings)
+                  checksum=checksum, timings=timings, counts_from=counts_from)
     if neighbors_key:
         start = time.perf_counter()
         hash_neighbors(adata, use_rep=f"X_{key_added}", codes_key=f"{key_added}_codes",
@@ -100,10 +105,11 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, resolution: flo
 
 def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "schashformer",
                   labels_key: str | None = None, batch_key: str | None = None, layer: str | None = None,
-                  checksum: str | None = None, timings: dict | None = None) -> None:
+                  checksum: str | None = None, timings: dict | None = None, counts_from: str | None = None) -> None:
     """Store a fitted model's embedding, labels, codes and run record in ``adata``.
 
-    ``checksum`` defaults to :func:`schashformer.record.data_checksum` of the counts in ``layer``.
+    ``checksum`` defaults to :func:`schashformer.record.data_checksum` of the counts in ``layer``;
+    ``counts_from`` names where the counts were read (default ``.X`` or ``layer``).
     """
     labels = pd.Categorical(np.where(model.labels_ >= 0, model.labels_.astype(str), None),
                             categories=[str(k) for k in range(model.n_clusters_)])
@@ -122,7 +128,7 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
                    "device_used": str(resolve(model.device)),
                    **{k: ("" if v is None else v) for k, v in model.config.to_dict().items()}},
         "data_checksum": checksum or record.data_checksum(count_matrix(adata, layer)),
-        "checksum_of": "X" if layer is None else f"layers[{layer!r}]",
+        "checksum_of": counts_from.removeprefix("adata.") if counts_from else ("X" if layer is None else f"layers[{layer!r}]"),
         "shape": np.asarray(adata.shape, dtype=np.int64),
         "timings": timings or model.timings_,
         "bucket_stats": pd.DataFrame(model.bucket_stats_).to_dict(orient="list"),
