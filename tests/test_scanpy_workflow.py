@@ -40,11 +40,15 @@ def clustered():
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("schashformer").addHandler(handler)
+    logger = logging.getLogger("schashformer")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         shf.tl.cluster(adata, 3, labels_key="label", progress=False, **FAST)
     finally:
-        logging.getLogger("schashformer").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     SEEN.update(numpy=np.array_equal(np.random.get_state()[1], np_before),
                 torch=torch.equal(torch.get_rng_state(), torch_before),
                 log=[r.getMessage() for r in records])
