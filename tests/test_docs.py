@@ -51,7 +51,11 @@ def test_readme_first_screen():
 
 
 @pytest.mark.slow
-def test_tutorial_notebook_runs(tmp_path):
+def test_tutorial_notebook_runs(tmp_path, monkeypatch):
+    import os
+
+    import schashformer
+
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
@@ -60,6 +64,9 @@ def test_tutorial_notebook_runs(tmp_path):
     assert len(params) == 1
     train = dict(FAST, stage1_steps=30, stage2_pretrain_steps=30, stage2_cluster_steps=30, progress=False)
     params[0].source = f"TRAIN = {train!r}\nN_CELLS = 1200"
+    # the kernel imports the package this test imported (not another installed copy)
+    src = str(Path(schashformer.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
