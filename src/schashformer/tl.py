@@ -203,7 +203,9 @@ def hash_neighbors(adata: ad.AnnData, *, use_rep: str = "X_schashformer", codes_
     n_neighbors : neighbours per cell, counting the cell itself (scanpy's convention).
     method : connectivities kernel, ``"gauss"`` (default; the kernel of diffusion pseudotime, plain
         numpy) or ``"umap"`` (scanpy's default; its first call in a process spends ~40 s compiling
-        numba code). ``sc.tl.umap``, ``sc.tl.leiden`` and ``sc.tl.paga`` take either.
+        numba code). ``sc.tl.umap``, ``sc.tl.leiden`` and ``sc.tl.paga`` take either (``sc.tl.umap``
+        logs that Gaussian connectivities "have not been computed using umap"; the layout is still
+        made from them).
     key_added : the neighbours key: ``uns[key_added]``, ``obsp[f"{key_added}_connectivities"]``,
         ``obsp[f"{key_added}_distances"]``.
     copy : work on a copy and return it.
