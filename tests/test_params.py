@@ -191,7 +191,7 @@ def test_cli_param_accepts_every_other_parameter():
     assert cli.parse_params(items) == {name: OTHER[name] for name in settable}
     for name in TRAIN_FIELDS:  # the defaults as well
         assert cli.parse_params([f"{name}={yaml_text(PARAM_DEFAULTS[name])}"]) == {name: PARAM_DEFAULTS[name]}
-    args = cli._build_parser().parse_args(["cluster", "in.h5ad", "--out", "o", "--seed", "4", "--quiet", *(
+    args = cli.build_parser().parse_args(["cluster", "in.h5ad", "--out", "o", "--seed", "4", "--quiet", *(
         a for item in items for a in ("--param", item))])
     params = cli.estimator_params(args)
     model = SCHashFormer.from_params(params)

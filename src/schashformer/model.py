@@ -207,6 +207,7 @@ class SCHashFormer(BaseEstimator):
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         # stats given = training on the subsample of a larger input (streaming.fit_out_of_core)
         cfg, device = (self.config if stats is None else self.config.for_subsample()), resolve(self.device)
+        log.info("scHashFormer: fitting on %s", device)
         counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
         resources.check_fits(resources.fit_bytes(counts, self.n_clusters or n_clusters_mod.MEMORY_K, cfg),
                              f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
