@@ -16,13 +16,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+from sklearn import metrics as skm
 
-from .errors import InputError, OutputExistsError
+from . import app, io, pl
+from .annotate import annotate
+from .errors import InputError
+from .metrics import clustering_scores, per_cluster_scores
+from .model import SCHashFormer
+from .rare import rare_populations
 
 ANNOTATE_FILES = ("annotation.csv", "annotation.json", "result.h5ad", "umap.png", "confusion.png")
 EVALUATE_FILES = ("per_label.csv", "per_cluster.csv", "evaluation.json", "confusion.png")
-PLOT_FILES = ("umap.png", "confusion.png", "bucket_sizes.png", "training_curves.png")
-MODEL_DIR = "model"  # inside a `schashformer cluster` output: the fitted model, for annotate
 COMMANDS = ("annotate", "evaluate")
 
 
@@ -72,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     """Run ``annotate`` or ``evaluate``; errors propagate as :class:`SCHashFormerError` to ``cli.main``."""
     out = Path(args.out)
     names = ANNOTATE_FILES if args.command == "annotate" else EVALUATE_FILES
-    check_out(out, names, args.overwrite)
+    app.check_out(out, names, args.overwrite)
     if args.command == "annotate":
         report = run_annotate(args, out)
         called = 1 - report["unknown_fraction"]
@@ -90,32 +94,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_out(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, holds foreign files, or holds results without ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} exists and is not a directory")
-    if not out.is_dir():
-        return
-    present = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in present if n not in names]
-    if foreign:
-        raise OutputExistsError(f"--out {out} holds files that are not results of this command (e.g. {foreign[0]!r}); "
-                                "choose a new or empty directory")
-    if present and not overwrite:
-        raise OutputExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace them")
-
-
-def write_atomic(out: Path, names: tuple[str, ...], overwrite: bool, write) -> None:
-    """Call ``write(staging_dir)``, then rename the staging directory to ``out`` (nothing partial is left)."""
-    from .cli import staged_output
-
-    with staged_output(out, lambda: check_out(out, names, overwrite)) as staging:  # nothing else appeared meanwhile
-        write(staging)
-
-
 def _reference_and_model(reference: str, model: str | None):
-    from . import io
-    from .model import SCHashFormer
 
     ref = Path(reference)
     if ref.is_dir():
@@ -123,7 +102,7 @@ def _reference_and_model(reference: str, model: str | None):
         if not h5ad.is_file():
             raise InputError(f"--reference {ref}: no result.h5ad there (expected the output directory of "
                              "'schashformer cluster', or a .h5ad file with --model)")
-        model_dir = Path(model) if model else ref / MODEL_DIR
+        model_dir = Path(model) if model else ref / app.MODEL_DIR
     else:
         h5ad = ref
         if model is None:
@@ -135,8 +114,6 @@ def _reference_and_model(reference: str, model: str | None):
 
 def run_annotate(args: argparse.Namespace, out: Path) -> dict:
     """``schashformer annotate``: label transfer, written as annotation.csv / .json, result.h5ad and plots."""
-    from . import io, pl
-    from .annotate import annotate
 
     reference, model = _reference_and_model(args.reference, args.model)
     query = io.read(args.query, format=args.format)
@@ -150,7 +127,6 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
     report = {"query": str(args.query), "reference": str(args.reference), "n_cells": int(query.n_obs),
               **{k: v for k, v in query.uns[key].items()}}
     if args.query_labels_key is not None:
-        from sklearn import metrics as skm
 
         y = query.obs[args.query_labels_key].astype(str).to_numpy()
         pred = query.obs[key].astype(str).to_numpy()
@@ -168,15 +144,12 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
         if args.query_labels_key is not None:
             pl.confusion(query, args.query_labels_key, key, save=staging / "confusion.png")
 
-    write_atomic(out, ANNOTATE_FILES, args.overwrite, write)
+    app.write_atomic(out, ANNOTATE_FILES, args.overwrite, write)
     return report
 
 
 def run_evaluate(args: argparse.Namespace, out: Path) -> dict:
     """``schashformer evaluate``: per-label / per-cluster tables, a JSON summary and the confusion plot."""
-    from . import io, pl
-    from .metrics import clustering_scores, per_cluster_scores
-    from .rare import rare_populations
 
     adata = io.read(args.result, format="h5ad")
     labels = rare_populations(adata, args.labels_key, key=args.key, max_fraction=args.max_fraction,
@@ -195,28 +168,8 @@ def run_evaluate(args: argparse.Namespace, out: Path) -> dict:
         (staging / "evaluation.json").write_text(json.dumps(_plain(report), indent=2))
         pl.confusion(adata, args.labels_key, args.key, save=staging / "confusion.png")
 
-    write_atomic(out, EVALUATE_FILES, args.overwrite, write)
+    app.write_atomic(out, EVALUATE_FILES, args.overwrite, write)
     return report
-
-
-def write_cluster_plots(adata, model, staging: Path, labels_key: str | None, umap: bool = True) -> dict:
-    """The PNGs ``schashformer cluster`` writes next to its results; returns seconds per plot."""
-    import time
-
-    from . import pl
-
-    timings = {}
-    plots = [("bucket_sizes.png", lambda p: pl.bucket_sizes(model, save=p)),
-             ("training_curves.png", lambda p: pl.training_curves(model, save=p))]
-    if umap:
-        plots.insert(0, ("umap.png", lambda p: pl.umap_png(adata, p, labels_key=labels_key)))
-    if labels_key is not None:
-        plots.append(("confusion.png", lambda p: pl.confusion(adata, labels_key, save=p)))
-    for name, draw in plots:
-        start = time.perf_counter()
-        draw(staging / name)
-        timings[name.replace(".png", "_plot")] = {"seconds": round(time.perf_counter() - start, 3)}
-    return timings
 
 
 def _plain(obj):
