@@ -272,14 +272,17 @@ def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device:
 
 
 def jsonable(obj):
+    """``obj`` with numpy values as Python ones and NaN as None, for ``json.dumps`` (strict JSON has no NaN)."""
+    if isinstance(obj, float) and obj != obj:
+        return None
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        return jsonable(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return jsonable(obj.tolist())
     return obj
 
 
@@ -435,3 +438,11 @@ def write_cluster_plots(adata, model, staging: Path, labels_key: str | None, uma
         draw(staging / name)
         timings[name.replace(".png", "_plot")] = {"seconds": round(time.perf_counter() - start, 3)}
     return timings
+
+
+def add_output_options(parser, *, plot_flag: str, plot_help: str) -> None:
+    """The options every command that writes a results directory shares: ``--overwrite``, a plot
+    switch and ``--quiet``."""
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    parser.add_argument(plot_flag, action="store_true", help=plot_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")

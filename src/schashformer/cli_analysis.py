@@ -56,9 +56,7 @@ def add_parsers(sub) -> None:
     ann.add_argument("--query-labels-key", default=None,
                      help="query obs column of known labels: report accuracy / macro F1 and a confusion plot")
     ann.add_argument("--format", default=None, help="query file format (default: guess)")
-    ann.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    ann.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
-    ann.add_argument("--quiet", action="store_true", help="no progress messages")
+    app.add_output_options(ann, plot_flag="--no-umap", plot_help="skip the UMAP plot")
 
     ev = sub.add_parser("evaluate", help="per-label and per-cluster precision / recall / F1 of a clustering")
     ev.add_argument("result", help="result.h5ad written by 'schashformer cluster' (or any h5ad with both columns)")
@@ -136,7 +134,7 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
     def write(staging: Path) -> None:
         table = query.obs[[key, f"{key}_confidence"]].rename(columns={key: "label", f"{key}_confidence": "confidence"})
         table.rename_axis("cell").to_csv(staging / "annotation.csv")
-        (staging / "annotation.json").write_text(json.dumps(_plain(report), indent=2))
+        (staging / "annotation.json").write_text(json.dumps(app.jsonable(report), indent=2))
         io.write_h5ad(query, staging / "result.h5ad")
         if not args.no_umap:
             pl.embedding(query, [key, f"{key}_confidence"] + ([args.query_labels_key] if args.query_labels_key else []),
@@ -165,20 +163,8 @@ def run_evaluate(args: argparse.Namespace, out: Path) -> dict:
     def write(staging: Path) -> None:
         labels.to_csv(staging / "per_label.csv")
         clusters.to_csv(staging / "per_cluster.csv")
-        (staging / "evaluation.json").write_text(json.dumps(_plain(report), indent=2))
+        (staging / "evaluation.json").write_text(json.dumps(app.jsonable(report), indent=2))
         pl.confusion(adata, args.labels_key, args.key, save=staging / "confusion.png")
 
     app.write_atomic(out, EVALUATE_FILES, args.overwrite, write)
     return report
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    return obj

@@ -41,9 +41,7 @@ def add_parsers(sub) -> None:
     ig.add_argument("--key", default="schashformer",
                     help="embedding obsm['X_KEY'] and clusters obs['KEY'] (default: schashformer)")
     ig.add_argument("--out", required=True, help="output directory")
-    ig.add_argument("--no-plot", action="store_true", help="skip the UMAP coloured by batch and cell type")
-    ig.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    ig.add_argument("--quiet", action="store_true", help="no progress messages")
+    app.add_output_options(ig, plot_flag="--no-plot", plot_help="skip the UMAP coloured by batch and cell type")
 
     tr = sub.add_parser("trajectory", help="PAGA graph and diffusion pseudotime on the embedding, with a plot")
     tr.add_argument("result", help="result.h5ad written by 'schashformer cluster'")
