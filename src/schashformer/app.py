@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import io, pl, record, resources, tl
+from . import buckets, io, pl, record, resources, tl
 from .errors import (
     InputError,
     OutputError,
@@ -446,3 +446,67 @@ def add_output_options(parser, *, plot_flag: str, plot_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument(plot_flag, action="store_true", help=plot_help)
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def is_h5ad(args) -> bool:
+    fmt = (args.format or "").lower()
+    return fmt in ("h5ad", "anndata") or (args.format is None and Path(args.input).suffix == ".h5ad")
+
+
+def labelled_bucket_stats(model, labels) -> None:
+    if labels is not None:
+        model.bucket_stats_ = buckets.bucket_stats(model.codes_[model.cell_mask_],
+                                                   np.asarray(labels)[model.cell_mask_])
+
+
+def _write_h5ad_result(args, out: Path, model, start: float) -> dict:
+    """Rank 0's one result for a ``.h5ad`` input, as the out-of-core ``cluster`` writes it: the input
+    file copied with the results added (the matrix is never loaded), clusters.csv, metrics.json."""
+
+    check_out_dir(out, args.overwrite)
+    source = CountSource.from_h5ad(args.input, args.layer)
+    try:
+        t0 = time.perf_counter()
+        checksum = data_checksum(source)  # chunk by chunk, the same value as record.data_checksum in memory
+        timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - t0, 3)}}
+        result = results_only(source)
+        if args.labels_key is not None and args.labels_key not in result.obs:
+            raise InputError(f"labels_key {args.labels_key!r} is not a column of adata.obs "
+                             f"(columns: {list(result.obs.columns)})")
+        labelled_bucket_stats(model, None if args.labels_key is None else result.obs[args.labels_key])
+        tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
+                         checksum=checksum, timings=timings)
+        record = result.uns["schashformer"]
+        record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
+        record["distributed"] = {"world_size": int(model.world_size_)}
+        report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
+                  "n_clusters": int(model.n_clusters), "seed": args.seed, "world_size": int(model.world_size_),
+                  "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
+                  "data_checksum": checksum}
+        write_outputs(args, out, source, result, model, report, start)
+    finally:
+        source.close()
+    return report
+
+
+def _write_in_memory_result(args, out: Path, model, read_seconds: float) -> dict:
+    """Rank 0's one result for the other formats: the input read whole, results written by ``run_cluster``."""
+
+    adata = io.read(args.input, format=args.format, labels_key=args.labels_key, transpose=args.transpose)
+    if args.labels_key is not None and args.labels_key in adata.obs:
+        labelled_bucket_stats(model, adata.obs[args.labels_key])
+    report = run_cluster(
+        adata, out=out, params=estimator_params(args), labels_key=args.labels_key, batch_key=args.batch_key,
+        layer=args.layer, overwrite=args.overwrite, umap=not args.no_umap, input_name=str(args.input),
+        read_seconds=max(read_seconds, 0.0), model=model,
+        source={"path": args.input, "format": args.format, "transpose": args.transpose})
+    report["world_size"] = int(model.world_size_)
+    return report
+
+
+def write_distributed_result(args, out: Path, model, start: float, read_seconds: float) -> dict:
+    """Rank 0's one result of a multi-process fit (``model`` holds every cell): as the out-of-core
+    ``cluster`` writes a ``.h5ad`` input, as :func:`run_cluster` the other formats."""
+    if is_h5ad(args):
+        return _write_h5ad_result(args, out, model, start)
+    return _write_in_memory_result(args, out, model, read_seconds)

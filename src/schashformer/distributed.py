@@ -50,14 +50,14 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from . import app, buckets, engine, errors, io, tl
+from . import app, buckets, engine, errors, io
 from .data import CellData
 from .engine import Comm, LocalChunks
 from .errors import InputError, ParameterError, SCHashFormerError
 from .model import SCHashFormer
 from .preprocess import prepare
 from .resources import peak_rss_gib
-from .streaming import CountSource, data_checksum
+from .streaming import CountSource
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,6 @@ def fit(ctx: Context, shard: ad.AnnData, model: SCHashFormer, *, batch_key: str 
     return model
 
 
-
 def _batches(ctx: Context, shard: ad.AnnData, batch_key: str | None, cell_mask: np.ndarray):
     """Batch category index of the kept cells, with the categories of all shards (sorted, as one process sorts)."""
     if batch_key is None:
@@ -566,10 +565,7 @@ def run(args) -> int:
         failure = None
         if ctx.rank == 0:
             try:
-                if _is_h5ad(args):
-                    report = _write_h5ad_result(args, out, model, params, start)
-                else:
-                    report = _write_in_memory_result(args, out, model, params, read_seconds)
+                report = app.write_distributed_result(args, out, model, start, read_seconds)
                 app.print_report(report, out)
             except SCHashFormerError as exc:
                 failure = exc
@@ -583,62 +579,6 @@ def run(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _is_h5ad(args) -> bool:
-    fmt = (args.format or "").lower()
-    return fmt in ("h5ad", "anndata") or (args.format is None and Path(args.input).suffix == ".h5ad")
-
-
-def _labelled_bucket_stats(model, labels) -> None:
-    if labels is not None:
-        model.bucket_stats_ = buckets.bucket_stats(model.codes_[model.cell_mask_],
-                                                   np.asarray(labels)[model.cell_mask_])
-
-
-def _write_h5ad_result(args, out: Path, model, params: dict, start: float) -> dict:
-    """Rank 0's one result for a ``.h5ad`` input, as the out-of-core ``cluster`` writes it: the input
-    file copied with the results added (the matrix is never loaded), clusters.csv, metrics.json."""
-
-    app.check_out_dir(out, args.overwrite)
-    source = CountSource.from_h5ad(args.input, args.layer)
-    try:
-        t0 = time.perf_counter()
-        checksum = data_checksum(source)  # chunk by chunk, the same value as record.data_checksum in memory
-        timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - t0, 3)}}
-        result = app.results_only(source)
-        if args.labels_key is not None and args.labels_key not in result.obs:
-            raise InputError(f"labels_key {args.labels_key!r} is not a column of adata.obs "
-                             f"(columns: {list(result.obs.columns)})")
-        _labelled_bucket_stats(model, None if args.labels_key is None else result.obs[args.labels_key])
-        tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
-                         checksum=checksum, timings=timings)
-        record = result.uns["schashformer"]
-        record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
-        record["distributed"] = {"world_size": int(model.world_size_)}
-        report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
-                  "n_clusters": int(model.n_clusters), "seed": args.seed, "world_size": int(model.world_size_),
-                  "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
-                  "data_checksum": checksum}
-        app.write_outputs(args, out, source, result, model, report, start)
-    finally:
-        source.close()
-    return report
-
-
-def _write_in_memory_result(args, out: Path, model, params: dict, read_seconds: float) -> dict:
-    """Rank 0's one result for the other formats: the input read whole, results written by ``app.run_cluster``."""
-
-    adata = io.read(args.input, format=args.format, labels_key=args.labels_key, transpose=args.transpose)
-    if args.labels_key is not None and args.labels_key in adata.obs:
-        _labelled_bucket_stats(model, adata.obs[args.labels_key])
-    report = app.run_cluster(
-        adata, out=out, params=app.estimator_params(args), labels_key=args.labels_key, batch_key=args.batch_key,
-        layer=args.layer, overwrite=args.overwrite, umap=not args.no_umap, input_name=str(args.input),
-        read_seconds=max(read_seconds, 0.0), model=model,
-        source={"path": args.input, "format": args.format, "transpose": args.transpose})
-    report["world_size"] = int(model.world_size_)
-    return report
 
 
 def _raise(exc):

@@ -3,7 +3,7 @@
 An MLP encodes a cell's standardised expression; H hash heads each map the hidden
 layer to b sigmoid units, the continuous hash embedding h in (0, 1)^b. The binary
 code of head k is round(h_k); cells with identical codes in a head share that head's
-bucket. Losses (see :meth:`LSHIndexer.losses`): ZINB reconstruction, an in-batch
+bucket. Losses (:class:`schashformer.nn.losses.HashingLoss`): ZINB reconstruction, an in-batch
 contrastive loss whose positives are the other view of the same cell and the cells
 in the same bucket, bit balance + decorrelation, and quantisation.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zinb import ZINBDecoder, zinb_nll
+from .zinb import ZINBDecoder
 
 
 class LSHIndexer(nn.Module):
@@ -70,25 +70,6 @@ class LSHIndexer(nn.Module):
     def codes(self, h: torch.Tensor) -> torch.Tensor:
         """Continuous hash (cells, H, b) -> integer bucket ids (cells, H)."""
         return ((h > 0.5).long() * self.bit_weights).sum(-1)
-
-    def losses(self, x1, x2, counts, size_factors, batch_onehot=None, tau: float = 0.8,
-               bucket_weight: float = 1.0, detach_codes: bool = True) -> dict[str, torch.Tensor]:
-        """Loss terms for two augmented views x1, x2 (cells, genes) of the same cells.
-
-        With ``detach_codes`` the code losses train the hash heads only: the encoder learns from
-        the count likelihood alone, so the hash cannot bend the representation to fit its buckets.
-        """
-        hidden1 = self.encode(x1)
-        hidden2 = self.encode(x2)
-        src1, src2 = (hidden1.detach(), hidden2.detach()) if detach_codes else (hidden1, hidden2)
-        h1, h2 = self.soft_codes(src1), self.soft_codes(src2)
-        mu, theta, pi = self.decoder(hidden1, size_factors, batch_onehot)
-        return {
-            "zinb": zinb_nll(counts, mu, theta, pi),
-            "contrastive": bucket_contrastive_loss(h1, h2, self.codes(h1.detach()), tau, bucket_weight),
-            "balance": bit_balance_loss(h1),
-            "quantisation": (h1 - h1.detach().round()).abs().mean(),
-        }
 
 
 def bucket_contrastive_loss(h1: torch.Tensor, h2: torch.Tensor, codes: torch.Tensor, tau: float,
