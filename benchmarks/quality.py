@@ -14,7 +14,7 @@ they are spawned and import it themselves.
 Writes DIR/quality.{md,csv} (per-run rows in the csv, mean ± sd over seeds in the md, with
 scHashFormer's hash bucket purity and the published scores of benchmarks/PUBLISHED.md beside
 them) and DIR/quality_<metric>.png. With the default --out (benchmarks/results) it also rewrites
-the README block between <!-- quality:start --> and <!-- quality:end -->.
+the docs/BENCHMARKS.md block between <!-- quality:start --> and <!-- quality:end -->.
 """
 
 from __future__ import annotations
@@ -318,8 +318,9 @@ def write_outputs(rows: list[dict], out: Path, header: list[str], chance: dict[s
 
 
 def update_readme(text: str) -> None:
-    """Put the measured tables (not the title, not the published table) between the README's quality markers."""
-    path = HERE.parent / "README.md"
+    """Put the measured tables (not the title, not the published table) between the quality markers of
+    docs/BENCHMARKS.md (where the README's benchmark sections moved)."""
+    path = HERE.parent / "docs" / "BENCHMARKS.md"
     readme = path.read_text()
     start, end = "<!-- quality:start -->", "<!-- quality:end -->"
     if start not in readme or end not in readme:

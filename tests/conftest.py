@@ -48,6 +48,7 @@ def sim() -> ad.AnnData:
     return simulate_counts()
 
 
+@pytest.hookimpl(tryfirst=True)  # before the -m selection reads the marks
 def pytest_collection_modifyitems(items):
     """Tests on the shared real data train on it: they run in the full suite (``bash .ci/run --full``,
     what CI runs), not in the fast lane (``-m "not slow"``, the default of ``bash .ci/run``)."""

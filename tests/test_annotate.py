@@ -46,6 +46,22 @@ def test_annotate_transfers_labels_and_writes_keys(fitted):
     assert (strict.obs["ann"] == UNKNOWN).sum() >= (~called).sum()
 
 
+def test_annotate_fits_a_model_on_the_reference_when_none_is_given(fitted):
+    ref, qry, _ = fitted
+    ref = ref.copy()
+    ref.obs["cell_type"] = ref.obs["label"].map({"0": "B", "1": "T", "2": "NK", "3": "mono"}).astype("category")
+    before = set(ref.obs.columns), set(ref.obsm)
+    res, model = tl.annotate(qry, ref, labels_key="cell_type", copy=True, return_model=True,
+                             model_params=dict(progress=False, seed=0, **FAST))
+    assert model.n_clusters_ == 4 and model.stats_.genes.size > 0  # K = the reference's number of labels
+    pred = res.obs["schashformer_annotation"].astype(str).to_numpy()
+    truth = qry.obs["label"].map({"0": "B", "1": "T", "2": "NK", "3": "mono"}).astype(str).to_numpy()
+    called = pred != UNKNOWN
+    assert called.mean() > 0.8 and (pred[called] == truth[called]).mean() > 0.9
+    assert res.uns["schashformer_annotation"]["model_fitted_on_reference"] is True
+    assert (set(ref.obs.columns), set(ref.obsm)) == before  # the reference is left as it was
+
+
 def test_annotate_embeds_reference_cells_where_the_model_put_them(fitted):
     ref, _, model = fitted
     res = tl.annotate(ref, ref, "label", model=model, key_added="self", min_confidence=0.0, copy=True)
@@ -80,8 +96,10 @@ def test_annotate_errors(fitted, tmp_path):
     ref, qry, model = fitted
     with pytest.raises(InputError, match="labels_key 'nope'"):
         tl.annotate(qry, ref, "nope", model=model, copy=True)
-    with pytest.raises(ParameterError, match="needs model="):
-        tl.annotate(qry, ref, "label", model=None, copy=True)
+    with pytest.raises(ParameterError, match="model_params"):
+        tl.annotate(qry, ref, "label", model=model, model_params={"seed": 1}, copy=True)
+    with pytest.raises(ParameterError, match="min_confidence"):  # checked before fitting a model
+        tl.annotate(qry, ref, "label", min_confidence=1.5, copy=True)
     with pytest.raises(InputError, match="no saved scHashFormer model"):
         tl.annotate(qry, ref, "label", model=tmp_path, copy=True)
     with pytest.raises(ParameterError, match="min_confidence"):

@@ -86,6 +86,8 @@ def test_bad_parameters(sim):
     with pytest.raises(ParameterError, match="larger than the number of cells"):
         SCHashFormer(301, progress=False, **FAST).fit(sim)
     with pytest.raises(ParameterError, match="unknown parameter"):
+        SCHashFormer.from_params({"n_clusters": 3, "not_a_param": 1})
+    with pytest.raises(TypeError, match="not_a_param"):  # the constructor itself: Python's own error
         SCHashFormer(3, not_a_param=1)
     with pytest.raises(InputError, match="batch_key 'nope'"):
         SCHashFormer(3, progress=False, **FAST).fit(sim, batch_key="nope")
@@ -170,7 +172,7 @@ def test_leiden_init_option(sim):
     model = SCHashFormer(3, seed=0, progress=False, init="leiden", **FAST).fit(sim)
     assert adjusted_rand_score(sim.obs["label"], model.labels_) > 0.8
     with pytest.raises(ParameterError, match="init must be"):
-        SCHashFormer(3, init="spectral")
+        SCHashFormer(3, init="spectral").fit(sim)
 
 
 def test_input_pcs_projection_saved_and_loaded(tmp_path):

@@ -49,7 +49,7 @@ def test_small_communities_are_merged_into_the_nearest_cluster():
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "abc", None, True])
 def test_bad_resolution_is_a_parameter_error(bad):
     with pytest.raises(ParameterError, match=r"resolution must be a number > 0"):
-        SCHashFormer(resolution=bad)
+        SCHashFormer(resolution=bad).fit(simulate_counts(40, 30))
 
 
 @pytest.fixture(scope="module")

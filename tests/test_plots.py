@@ -25,12 +25,14 @@ def _is_png(path) -> bool:
 
 def test_embedding_colours_by_any_key_and_subsamples(clustered, tmp_path):
     adata, _ = clustered
+    adata = adata.copy()
+    del adata.uns["schashformer_neighbors"]  # no stored graph (e.g. an older result): a throw-away one on a subset
     adata.obs["depth"] = np.asarray(adata.X.sum(1)).ravel()
     # one UMAP only (numba compiles it on first use, which dominates the time)
     fig = pl.embedding(adata, ["schashformer", "label", "depth"], max_cells=200, save=tmp_path / "e.png")
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert len(titles) == 3 and all("200 of 300 cells" in t for t in titles) and _is_png(tmp_path / "e.png")
-    assert "X_umap" not in adata.obsm  # the user's AnnData is not modified
+    assert "X_umap" not in adata.obsm and "X_schashformer_umap" not in adata.obsm  # a subset's UMAP is not kept
     with pytest.raises(InputError, match="color 'nope'"):
         pl.embedding(adata, "nope")
     with pytest.raises(InputError, match="'X_other'"):

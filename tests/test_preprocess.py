@@ -88,3 +88,42 @@ def test_principal_axes_match_dense_pca():
     assert axes.shape == (60, 5)
     cosines = np.abs(np.sum(axes * vt[:5].T, axis=0))
     assert np.all(cosines > 0.999), cosines
+
+
+def test_counts_are_found_in_layers_or_raw_when_x_is_log_normalised(caplog):
+    import logging
+
+    import scanpy as sc
+
+    from schashformer.errors import InputError
+    from schashformer.preprocess import prepare, resolve_counts
+
+    from .conftest import simulate_counts
+
+    counts = simulate_counts(n_cells=60, n_genes=40, seed=3)
+    logged = counts.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    # no counts anywhere: the error says where it looked
+    with pytest.raises(InputError, match=r"neither adata.layers\['counts'\] nor adata.raw"):
+        prepare(logged)
+    # counts in layers["counts"]
+    with_layer = logged.copy()
+    with_layer.layers["counts"] = counts.X.copy()
+    with caplog.at_level(logging.WARNING, logger="schashformer"):
+        prep = prepare(with_layer)
+    assert "using adata.layers['counts']" in caplog.text
+    assert (prep.counts != prepare(counts).counts).nnz == 0
+    # counts in .raw, X restricted to 30 genes: raw's own genes are read
+    with_raw = counts.copy()
+    with_raw.raw = with_raw
+    with_raw = with_raw[:, :30].copy()
+    sc.pp.normalize_total(with_raw, target_sum=1e4)
+    sc.pp.log1p(with_raw)
+    source, layer, where = resolve_counts(with_raw)
+    assert where == "adata.raw.X" and layer is None and source.n_vars == 40 and source.n_obs == 60
+    assert (prepare(with_raw).counts != prepare(counts).counts).nnz == 0
+    # counts in X: nothing else is consulted, even with a counts layer present
+    assert resolve_counts(with_layer, "counts")[2] == "adata.layers['counts']"
+    counts.layers["counts"] = logged.X
+    assert resolve_counts(counts)[2] == "adata.X"

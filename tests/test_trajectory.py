@@ -46,22 +46,29 @@ def test_simulator_truth_and_realism():
 
 
 def test_trajectory_recovers_time(branching):
+    import scanpy as sc
+
     a = branching.copy()
-    a.uns["neighbors"] = {"user": "own"}  # the user's own results must survive
+    sc.pp.neighbors(a, use_rep="X_schashformer", n_neighbors=5, method="gauss")  # the user's own graph must survive
+    own = a.obsp["connectivities"].copy()
     shf.tl.trajectory(a, "stage=0", groups=None, umap=False)
-    rho = pseudotime_correlation(a.obs["trajectory_pseudotime"], a.obs["time"])
+    rho = pseudotime_correlation(a.obs["dpt_pseudotime"], a.obs["time"])
     assert rho > 0.85, rho
-    assert a.uns["neighbors"] == {"user": "own"} and "X_diffmap" not in a.obsm
+    # no stored graph for this embedding: one was built under the trajectory's own key, the user's kept
+    assert a.uns["trajectory"]["neighbors_key"] == "trajectory_neighbors"
+    assert a.uns["neighbors"]["params"]["n_neighbors"] == 5 and (a.obsp["connectivities"] != own).nnz == 0
     run = a.uns["trajectory"]
     root = run["root"]
-    assert a.obs["stage"].iloc[root] == "0" and a.obs["trajectory_pseudotime"].iloc[root] == 0
-    n = len(run["paga"]["groups"])
-    assert run["paga"]["connectivities"].shape == (n, n) and a.obsm["X_trajectory_diffmap"].shape == (a.n_obs, 10)
+    assert a.obs["stage"].iloc[root] == "0" and a.obs["dpt_pseudotime"].iloc[root] == 0 and a.uns["iroot"] == root
+    # scanpy's own keys
+    n = a.obs[a.uns["paga"]["groups"]].cat.categories.size
+    assert a.uns["paga"]["groups"] == run["groups"] == "trajectory_groups"
+    assert a.uns["paga"]["connectivities"].shape == (n, n) and a.obsm["X_diffmap"].shape == (a.n_obs, 10)
     with pytest.raises(ParameterError, match="overwrite"):
         shf.tl.trajectory(a, "stage=0", groups=None, umap=False)
     # a root at the other end reverses the order
     shf.tl.trajectory(a, "stage=4", groups=None, umap=False, overwrite=True)
-    assert pseudotime_correlation(a.obs["trajectory_pseudotime"], a.obs["time"]) < -0.5
+    assert pseudotime_correlation(a.obs["dpt_pseudotime"], a.obs["time"]) < -0.5
 
 
 def test_bad_roots_are_named(branching):
@@ -117,6 +124,7 @@ def test_fitted_embedding_orders_cells(shared_data):
     shf.tl.cluster(a, 4, seed=0, progress=False,
                    **dict(FAST, stage1_steps=20, stage2_pretrain_steps=20, stage2_cluster_steps=20))
     shf.tl.trajectory(a, "day=0", umap=False)
-    rho = pseudotime_correlation(a.obs["trajectory_pseudotime"], a.obs["day"])
+    assert a.uns["trajectory"]["neighbors_key"] == "schashformer_neighbors"  # the hash graph, no new search
+    rho = pseudotime_correlation(a.obs["dpt_pseudotime"], a.obs["day"])
     assert rho > 0.3, rho
     assert a.obs["day"].iloc[a.uns["trajectory"]["root"]] == "0"

@@ -199,7 +199,7 @@ def failing_write(tmp, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pl, "umap_png", disk_full)
-    return lambda: cli.run_cluster(small(), n_clusters=3, out=tmp / "out", progress=False, params=TINY)
+    return lambda: cli.run_cluster(small(), out=tmp / "out", params={**TINY, "n_clusters": 3, "progress": False})
 
 
 def checkpoint_of_another_run(tmp):
@@ -285,7 +285,7 @@ CASES = {
             InputError, r"batch_key 'donor' has 3 missing values"),
     "V35": (lambda t, m, f: lambda: tl.cluster(small(), 1, progress=False), ParameterError,
             r"n_clusters must be an integer >= 2, got 1"),
-    "V66": (lambda t, m, f: lambda: SCHashFormer(None, resolution=0), ParameterError,
+    "V66": (lambda t, m, f: lambda: SCHashFormer(None, resolution=0).fit(small()), ParameterError,
             r"resolution must be a number > 0 \(default 0\.5; higher gives more clusters\), got 0"),
     "V67": (lambda t, m, f: lambda: tl.cluster(small(), resolution="abc", progress=False), ParameterError,
             r"resolution must be a number > 0 .*got 'abc'"),
@@ -293,13 +293,13 @@ CASES = {
             r"n_clusters=41 is larger than the number of cells \(40\)"),
     "V37": (lambda t, m, f: lambda: tl.cluster(few_cells_with_counts(), 3, progress=False, **TINY), ParameterError,
             r"n_clusters=3 exceeds the 2 cells with counts"),
-    "V38": (lambda t, m, f: lambda: SCHashFormer(3, stage1_stepz=5), ParameterError,
+    "V38": (lambda t, m, f: lambda: tl.cluster(small(), 3, stage1_stepz=5), ParameterError,
             r"unknown parameter\(s\) \['stage1_stepz'\]"),
-    "V39": (lambda t, m, f: lambda: SCHashFormer(3, stage1_steps="abc"), ParameterError,
+    "V39": (lambda t, m, f: lambda: SCHashFormer(3, stage1_steps="abc").fit(small()), ParameterError,
             r"parameter stage1_steps must be int, got 'abc'"),
-    "V68": (lambda t, m, f: lambda: SCHashFormer(3, stage1_steps_subsample=-1), ParameterError,
+    "V68": (lambda t, m, f: lambda: SCHashFormer(3, stage1_steps_subsample=-1).fit(small()), ParameterError,
             r"stage1_steps_subsample must be None or an integer >= 0, got -1"),
-    "V40": (lambda t, m, f: lambda: SCHashFormer(3, seed=-1), ParameterError, r"seed must be an integer >= 0, got -1"),
+    "V40": (lambda t, m, f: lambda: SCHashFormer(3, seed=-1).fit(small()), ParameterError, r"seed must be an integer >= 0, got -1"),
     "V41": (lambda t, m, f: lambda: SCHashFormer(3, device="gpu0", progress=False, **TINY).fit(small()), ParameterError,
             r"device='gpu0' is not a device name"),
     "V42": (lambda t, m, f: no_gpu(m), ParameterError, r"device='cuda' was requested but no CUDA GPU is available"),

@@ -24,6 +24,7 @@ components beats both z and the tokens, hence the third part (benchmarks/results
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from .errors import InputError, ParameterError
 from .preprocess import Prepared, prepare, principal_axes
 from .validate import check_adata, is_int
 
+log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 SPACES = ("combined", "z", "tokens", "pcs")  # vote spaces: all three of z, the tokens and VOTE_PCS PCs, or one alone
 DEFAULT_SPACE = "combined"
@@ -205,17 +207,9 @@ def vote(z_query: np.ndarray, z_ref: np.ndarray, ref_labels: np.ndarray, candida
     return best, conf, mean_d
 
 
-def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, n_neighbors: int = 15,
-                    window: int = 24, min_confidence: float = 0.5, space: str = DEFAULT_SPACE,
-                    class_balance: float = DEFAULT_CLASS_BALANCE, layer: str | None = None,
-                    reference_layer: str | None = None) -> dict:
-    """Label transfer from ``reference`` to ``query`` through ``model``'s hash index.
-
-    Returns a dict: ``labels`` (query cells,) object array (``"unknown"`` below ``min_confidence``
-    and for cells with zero counts), ``predicted`` (the vote's winner before the threshold),
-    ``confidence`` (query cells,) float, ``embedding`` (query cells, latent), ``n_candidates``
-    (mean distinct candidates per query cell).
-    """
+def check_transfer_args(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, n_neighbors, window,
+                        min_confidence, class_balance, space) -> None:
+    """Reject bad inputs of :func:`transfer_labels` with a message naming the argument."""
     check_adata(query)
     check_adata(reference)
     if labels_key not in reference.obs:
@@ -230,6 +224,21 @@ def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key:
             raise ParameterError(f"{name} must be a number in [0, 1], got {value!r}")
     if space not in SPACES:
         raise ParameterError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, n_neighbors: int = 15,
+                    window: int = 24, min_confidence: float = 0.5, space: str = DEFAULT_SPACE,
+                    class_balance: float = DEFAULT_CLASS_BALANCE, layer: str | None = None,
+                    reference_layer: str | None = None) -> dict:
+    """Label transfer from ``reference`` to ``query`` through ``model``'s hash index.
+
+    Returns a dict: ``labels`` (query cells,) object array (``"unknown"`` below ``min_confidence``
+    and for cells with zero counts), ``predicted`` (the vote's winner before the threshold),
+    ``confidence`` (query cells,) float, ``embedding`` (query cells, latent), ``n_candidates``
+    (mean distinct candidates per query cell).
+    """
+    check_transfer_args(query, reference, labels_key, n_neighbors=n_neighbors, window=window,
+                        min_confidence=min_confidence, class_balance=class_balance, space=space)
     raw = reference.obs[labels_key]
     if raw.isna().all():
         raise InputError(f"labels_key {labels_key!r}: every reference label is missing")
@@ -257,11 +266,11 @@ def transfer_labels(model, query: ad.AnnData, reference: ad.AnnData, labels_key:
             "categories": list(names), "n_candidates": float(((cand >= 0).sum(1)).mean())}
 
 
-def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model, n_neighbors: int = 15,
+def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model=None, n_neighbors: int = 15,
              window: int = 24, min_confidence: float = 0.5, space: str = DEFAULT_SPACE,
              class_balance: float = DEFAULT_CLASS_BALANCE, key_added: str = "schashformer_annotation",
              layer: str | None = None, reference_layer: str | None = None, overwrite: bool = False,
-             copy: bool = False):
+             copy: bool = False, model_params: dict | None = None, return_model: bool = False):
     """Transfer ``reference.obs[labels_key]`` to ``query`` by nearest neighbours in the scHashFormer embedding.
 
     Both data sets are embedded by the trained ``model`` (the query on the model's genes: missing
@@ -277,7 +286,11 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     reference : AnnData of raw counts with known labels, usually the data ``model`` was fitted on.
     labels_key : ``reference.obs`` column of labels (missing labels are never voted for).
     model : fitted :class:`~schashformer.SCHashFormer` (e.g. ``tl.cluster(..., return_model=True)``)
-        or the directory of a saved one.
+        or the directory of a saved one; None (default) fits one on ``reference`` first, with as
+        many clusters as it has labels (the labels themselves are not used for training).
+    model_params : with ``model=None``, keyword arguments of :class:`~schashformer.SCHashFormer`
+        for that fit (e.g. ``{"seed": 1, "device": "cpu", "progress": False}`` or training fields).
+    return_model : also return the model used (the one fitted here, or ``model`` loaded).
     n_neighbors : neighbours that vote.
     window : candidates per side and hash head (up to ``2 * window * hash_heads`` per query cell).
     min_confidence : cells whose winning vote share is below this are labelled ``"unknown"``.
@@ -307,21 +320,29 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
 
     Returns
     -------
-    The annotated copy if ``copy``, else None.
+    The annotated copy if ``copy``, else None; with ``return_model`` a tuple (that, model).
     """
     from .model import SCHashFormer
 
-    check_adata(query)
-    if not isinstance(model, SCHashFormer):
-        if model is None:
-            raise ParameterError("annotate needs model=: the fitted SCHashFormer of the reference "
-                                 "(tl.cluster(..., return_model=True)) or the directory it was saved to")
-        model = SCHashFormer.load(model)
-    query = query.copy() if copy else query
+    check_transfer_args(query, reference, labels_key, n_neighbors=n_neighbors, window=window,
+                        min_confidence=min_confidence, class_balance=class_balance, space=space)
     keys = {"obs": [key_added, f"{key_added}_confidence"], "obsm": [f"X_{key_added}"], "uns": [key_added]}
     taken = [f"{where}[{k!r}]" for where, ks in keys.items() for k in ks if k in getattr(query, where)]
     if taken and not overwrite:
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
+    fitted_here = model is None
+    if model is None:
+        params = dict(model_params or {})
+        n_labels = int(reference.obs[labels_key].dropna().nunique())
+        params.setdefault("n_clusters", n_labels if 2 <= n_labels <= reference.n_obs else None)
+        log.info("annotate: no model given; fitting scHashFormer on the reference (%d cells, %s clusters)",
+                 reference.n_obs, params["n_clusters"])
+        model = SCHashFormer(params.pop("n_clusters"), **params).fit(reference, layer=reference_layer)
+    elif not isinstance(model, SCHashFormer):
+        model = SCHashFormer.load(model)
+    elif model_params:
+        raise ParameterError("model_params is for the model fitted when model=None; model= was given")
+    query = query.copy() if copy else query
     res = transfer_labels(model, query, reference, labels_key, n_neighbors=n_neighbors, window=window,
                           min_confidence=min_confidence, space=space, class_balance=class_balance, layer=layer,
                           reference_layer=reference_layer)
@@ -332,5 +353,7 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
                             "min_confidence": float(min_confidence), "space": space,
                             "class_balance": float(class_balance), "n_reference_cells": int(reference.n_obs),
                             "mean_candidates": res["n_candidates"],
-                            "unknown_fraction": float((res["labels"] == UNKNOWN).mean())}
-    return query if copy else None
+                            "unknown_fraction": float((res["labels"] == UNKNOWN).mean()),
+                            "model_fitted_on_reference": bool(fitted_here)}
+    out = query if copy else None
+    return (out, model) if return_model else out

@@ -66,13 +66,35 @@ def bucket_stats(codes: np.ndarray, labels: np.ndarray | None = None) -> list[di
     return stats
 
 
-def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_neighbors: int = 15,
-                   block: int = 65536):
-    """Sparse kNN graph from hash neighbourhoods only: (cells, cells) CSR, symmetric, 0/1 weights.
+def hash_orders(codes: np.ndarray, z: np.ndarray) -> list[np.ndarray]:
+    """Per hash head, the cells sorted by bucket id, ties broken by the first principal axis of ``z``.
+
+    ``codes`` (cells, heads) bucket ids (-1: a cell that was not hashed, sorted first), ``z`` (cells,
+    latent) the embedding. Used to rebuild the sort-and-chunk neighbourhoods after a fit, when the
+    stage-1 tie-break key is no longer at hand: inside a bucket, cells close in ``z`` stay adjacent.
+    """
+    zc = np.asarray(z, dtype=np.float64)
+    zc = zc - zc.mean(0)
+    if zc.shape[1] and np.any(zc):
+        _, _, vt = np.linalg.svd(zc[: min(len(zc), 20000)], full_matrices=False)
+        key = zc @ vt[0]
+    else:
+        key = np.zeros(len(zc))
+    return [sort_order(np.asarray(codes)[:, k], key) for k in range(codes.shape[1])]
+
+
+def hash_knn(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_neighbors: int = 15,
+             block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_neighbors`` nearest cells of every cell among its hash-neighbourhood candidates.
 
     Candidates of a cell are the cells of its chunk and the two adjacent chunks in every
-    head's sorted order (3C per head); the ``n_neighbors`` nearest candidates in ``z`` are
-    kept. Cost O(cells x heads x C), memory O(block x heads x C): no global kNN search.
+    head's sorted order (3C per head); the ``n_neighbors`` nearest candidates in ``z`` (Euclidean)
+    are kept. Cost O(cells x heads x C), memory O(block x heads x C): no global kNN search.
+
+    Returns
+    -------
+    indices : (cells, n_neighbors) int64, nearest first, -1 where a cell has fewer candidates.
+    distances : (cells, n_neighbors) float32 Euclidean distances, inf where ``indices`` is -1.
     """
     n = z.shape[0]
     candidates = []
@@ -90,13 +112,32 @@ def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_n
     cand[cand == np.arange(n)[:, None]] = -1  # and the cell itself
     k = min(n_neighbors, cand.shape[1])
     nbrs = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
     for s in range(0, n, block):
         c = cand[s:s + block]
         d = ((z[np.maximum(c, 0)] - z[s:s + block, None, :]) ** 2).sum(-1)
         d[c < 0] = np.inf
         nearest = np.argpartition(d, k - 1, axis=1)[:, :k]
+        dn = np.take_along_axis(d, nearest, axis=1)
+        rank = np.argsort(dn, axis=1, kind="stable")  # nearest first
+        nearest, dn = np.take_along_axis(nearest, rank, axis=1), np.take_along_axis(dn, rank, axis=1)
         picked = np.take_along_axis(c, nearest, axis=1)
-        nbrs[s:s + block] = np.where(np.isfinite(np.take_along_axis(d, nearest, axis=1)), picked, -1)
+        nbrs[s:s + block] = np.where(np.isfinite(dn), picked, -1)
+        dist[s:s + block] = np.sqrt(dn)
+    return nbrs, dist
+
+
+def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_neighbors: int = 15,
+                   block: int = 65536):
+    """Sparse kNN graph from hash neighbourhoods only: (cells, cells) CSR, symmetric, 0/1 weights.
+
+    The neighbours are those of :func:`hash_knn`; no global kNN search.
+    """
+    import scipy.sparse as sp
+
+    n = z.shape[0]
+    nbrs, _ = hash_knn(z, orders, chunk_size, n_neighbors, block)
+    k = nbrs.shape[1]
     rows = np.repeat(np.arange(n), k)
     keep = nbrs.ravel() >= 0
     graph = sp.csr_matrix((np.ones(keep.sum(), np.float32), (rows[keep], nbrs.ravel()[keep])), shape=(n, n))

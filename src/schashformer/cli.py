@@ -27,16 +27,29 @@ import yaml
 
 from . import interrupt, outdir
 from .errors import InputError, OutputError, OutputExistsError, ParameterError, SCHashFormerError
+from .model import PARAM_DEFAULTS, SCHashFormer
+from .validate import resolve
 
 log = logging.getLogger(__name__)
 # model/ (the fitted model, for `schashformer annotate`) and the plots of cli_analysis.write_cluster_plots
 RESULT_FILES = ("result.h5ad", "clusters.csv", "metrics.json", "umap.png", "confusion.png", "bucket_sizes.png",
                 "training_curves.png", "model")
 CHECKPOINT_DIR = ".checkpoint"  # inside --out: the training state of an unfinished run
+DEMO_CLUSTERS = 8  # cell types of the bundled PBMC data set that `schashformer demo` clusters
+# SCHashFormer parameters with an option of their own (named after the parameter: --n-top-genes sets
+# n_top_genes; defaults from SCHashFormer); --param sets every other one
+OPTION_PARAMS = ("n_clusters", "resolution", "n_top_genes", "seed", "device", "allow_noncounts", "checkpoint_every")
+# SCHashFormer parameters the command line sets itself, and from what
+FIXED_PARAMS = {"progress": "--quiet", "checkpoint_dir": "--out", "keep_checkpoint": "--out"}
 
 
 def parse_params(items: list[str]) -> dict:
-    """``--param key=value`` pairs, values parsed as YAML scalars (numbers, booleans, null)."""
+    """``--param key=value`` pairs, values parsed as YAML scalars (numbers, booleans, null).
+
+    A key must be a :class:`SCHashFormer` parameter without an option of its own
+    (:data:`OPTION_PARAMS`) that the command line does not set itself (:data:`FIXED_PARAMS`);
+    the values are checked by :meth:`SCHashFormer.check_params`.
+    """
     params = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -49,7 +62,20 @@ def parse_params(items: list[str]) -> dict:
             except ValueError:
                 pass
         params[key.strip()] = parsed
+    for key in params:
+        if key in OPTION_PARAMS:
+            raise ParameterError(f"--param {key}=...: use --{key.replace('_', '-')}")
+        if key in FIXED_PARAMS:
+            raise ParameterError(f"--param {key}=...: set by {FIXED_PARAMS[key]}")
+    SCHashFormer.from_params(params)  # unknown names
     return params
+
+
+def estimator_params(args: argparse.Namespace) -> dict:
+    """The :class:`SCHashFormer` parameters of a parsed ``cluster`` / ``demo`` command line:
+    its parameter options, ``progress`` (not ``--quiet``) and every ``--param``."""
+    options = {name: getattr(args, name) for name in OPTION_PARAMS if hasattr(args, name)}
+    return {**options, "progress": not args.quiet, **parse_params(getattr(args, "param", None))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("cluster", help="cluster a count matrix and write results to --out")
     run.add_argument("input", help=".h5ad, X/Y .h5, 10x .h5, Matrix Market dir/.mtx, or .csv/.tsv(.gz)")
-    run.add_argument("--n-clusters", type=int, default=None,
+    run.add_argument("--n-clusters", type=int, default=PARAM_DEFAULTS["n_clusters"],
                      help="number of clusters K (default: estimated by Leiden on the hash-neighbourhood graph)")
-    run.add_argument("--resolution", type=float, default=0.5,
-                     help="without --n-clusters: Leiden resolution, > 0 (default 0.5; higher: more, finer clusters)")
+    run.add_argument("--resolution", type=float, default=PARAM_DEFAULTS["resolution"],
+                     help=f"without --n-clusters: Leiden resolution, > 0 (default {PARAM_DEFAULTS['resolution']}; "
+                          "higher: more, finer clusters)")
     run.add_argument("--out", required=True, help="output directory")
     _common(run)
     run.add_argument("--format", default=None, help="input format (h5ad, xy_h5, 10x_h5, mtx, csv, tsv); default: guess")
@@ -102,18 +129,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-key", default=None, help="obs column of known labels (evaluation only)")
     p.add_argument("--batch-key", default=None, help="obs column of batches (ZINB covariate)")
     p.add_argument("--layer", default=None, help="layer holding raw counts instead of X ('raw': adata.raw)")
-    p.add_argument("--n-top-genes", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--allow-noncounts", action="store_true", help="accept pre-normalised (non-integer) input")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any TrainConfig field, repeatable")
+    p.add_argument("--n-top-genes", type=int, default=PARAM_DEFAULTS["n_top_genes"],
+                   help=f"highly variable genes used (default {PARAM_DEFAULTS['n_top_genes']})")
+    p.add_argument("--seed", type=int, default=PARAM_DEFAULTS["seed"])
+    p.add_argument("--device", default=PARAM_DEFAULTS["device"], help="auto, cpu or cuda")
+    p.add_argument("--allow-noncounts", action="store_true", default=PARAM_DEFAULTS["allow_noncounts"],
+                   help="accept pre-normalised (non-integer) input")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="any other parameter of schashformer.SCHashFormer (every TrainConfig field), repeatable")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results already in --out (and discard the checkpoint of an unfinished run there)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the unfinished run checkpointed in OUT/{CHECKPOINT_DIR} (same input, parameters "
                         "and seed); starts from the beginning when there is none")
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
-                   help="training steps between checkpoints (default 100; 0: only at the end of each phase)")
+    p.add_argument("--checkpoint-every", type=int, default=PARAM_DEFAULTS["checkpoint_every"], metavar="STEPS",
+                   help=f"training steps between checkpoints (default {PARAM_DEFAULTS['checkpoint_every']}; "
+                        "0: only at the end of each phase)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -183,11 +214,13 @@ def staged_output(out: Path, final_check, *, hint: str = ""):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float = 0.5, labels_key=None, batch_key=None, layer=None,
-                n_top_genes=2000, seed=0, device="auto", allow_noncounts=False, params=None, overwrite=False,
-                umap=True, progress=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
-                reference_labels=None, resume: bool = False, checkpoint_every: int = 100, model=None) -> dict:
+def run_cluster(adata, *, out: Path, params: dict, labels_key=None, batch_key=None, layer=None, overwrite=False,
+                umap=True, input_name: str = "", read_seconds: float = 0.0, source: dict | None = None,
+                reference_labels=None, resume: bool = False, model=None) -> dict:
     """Cluster ``adata`` and write the result files into ``out`` all at once; returns metrics.json content.
+
+    ``params``: the :class:`SCHashFormer` parameters (any but ``checkpoint_dir`` and
+    ``keep_checkpoint``, which this function sets: the checkpoint lives in ``out``).
 
     ``model``: an already fitted SCHashFormer (a distributed fit, :mod:`schashformer.distributed`)
     whose results are written instead of fitting here.
@@ -208,22 +241,22 @@ def run_cluster(adata, *, n_clusters: int | None, out: Path, resolution: float =
     if taken and model is None:  # e.g. a result.h5ad clustered again: the input file itself is never changed
         _warn(f"the input already holds the results of an earlier run ({', '.join(taken)}); they are replaced in "
               f"{out / 'result.h5ad'} (the input file is not changed)")
+    fixed = sorted({"checkpoint_dir", "keep_checkpoint"} & set(params))
+    if fixed:
+        raise ParameterError(f"{fixed}: set by the output directory (checkpoints go to OUT/{CHECKPOINT_DIR})")
     if model is not None:
         tl.write_results(adata, model, labels_key=labels_key, batch_key=batch_key, layer=layer)
     else:
-        _, model = tl.cluster(adata, n_clusters, resolution=resolution, labels_key=labels_key, batch_key=batch_key,
-                              layer=layer, n_top_genes=n_top_genes, seed=seed, device=device,
-                              allow_noncounts=allow_noncounts,
-                              progress=progress, return_model=True, overwrite=True,
-                              checkpoint_dir=out / CHECKPOINT_DIR, checkpoint_every=checkpoint_every,
-                              keep_checkpoint=True, resume=resume, **(params or {}))
+        _, model = tl.cluster(adata, labels_key=labels_key, batch_key=batch_key, layer=layer, return_model=True,
+                              overwrite=True, resume=resume,
+                              **{**params, "checkpoint_dir": out / CHECKPOINT_DIR, "keep_checkpoint": True})
     record = adata.uns["schashformer"]
     if source is not None:
         record["input"] = {"path": str(Path(source["path"]).resolve()), "format": source.get("format") or "",
                            "transpose": bool(source.get("transpose", False))}
     report = {
         "input": input_name, "n_cells": int(adata.n_obs), "n_genes_input": int(adata.n_vars),
-        "n_clusters": int(model.n_clusters_), "n_clusters_estimated": n_clusters is None, "seed": seed,
+        "n_clusters": int(model.n_clusters_), "n_clusters_estimated": model.n_clusters is None, "seed": model.seed,
         "metrics": record.get("metrics", {}),
         "timings": {"read": {"seconds": round(read_seconds, 3)}, **model.timings_},
         "bucket_stats": model.bucket_stats_,
@@ -274,19 +307,19 @@ def run_rerun(result: Path, *, out: Path, input_path: str | None = None, device:
     if record.plain(rec.get("version")) != __version__:
         log.warning("%s was written by scHashFormer %s, this is %s; labels may differ", result, rec.get("version"),
                     __version__)
-    args = record.rerun_args(rec)
+    params, fit_args = record.rerun_args(rec)
+    recorded_device = record.plain(rec["params"].get("device_used")) or "auto"
+    params = {**params, "device": device or recorded_device, "progress": progress}
+    SCHashFormer.from_params(params).check_params()  # before reading the input
     adata = io.read(path, format=source.get("format"), transpose=bool(source.get("transpose")))
-    checksum = record.data_checksum(count_matrix(adata, args["layer"]))
+    checksum = record.data_checksum(count_matrix(adata, fit_args["layer"]))
     if checksum != rec["data_checksum"]:
         raise InputError(f"{path}: the counts differ from those of the recorded run (checksum {checksum[:19]}... now, "
                          f"{str(rec['data_checksum'])[:19]}... recorded); refusing to re-run on other data")
-    run = {k: args.pop(k) for k in ("n_clusters", "resolution", "labels_key", "batch_key", "layer", "n_top_genes", "seed",
-                                    "allow_noncounts") if k in args}  # older records lack "resolution"
-    recorded_device = record.plain(rec["params"].get("device_used")) or "auto"
-    return run_cluster(adata, out=out, device=device or recorded_device, params=args, overwrite=overwrite, umap=umap,
-                       progress=progress, input_name=str(path), reference_labels=labels, resume=resume,
+    return run_cluster(adata, out=out, params=params, overwrite=overwrite, umap=umap, input_name=str(path),
+                       reference_labels=labels, resume=resume,
                        source={"path": path, "format": source.get("format"), "transpose": source.get("transpose")},
-                       **run)
+                       **fit_args)
 
 
 def jsonable(obj):
@@ -330,20 +363,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def _preflight(args, params: dict) -> None:
     """Every parameter of ``cluster`` / ``demo`` / ``rerun`` checked before the disk is touched."""
-    from .model import SCHashFormer
-    from .validate import resolve
-
     if args.command == "rerun":
         if args.device is not None:
             resolve(args.device)
         return
     if args.command == "cluster" and args.nproc < 1:
         raise ParameterError(f"--nproc must be >= 1, got {args.nproc}")
-    n_clusters = args.n_clusters if args.command == "cluster" else 8
-    if n_clusters is not None and n_clusters < 2:
-        raise ParameterError(f"n_clusters must be an integer >= 2, got {n_clusters!r} (or None to estimate it)")
-    SCHashFormer(n_clusters, resolution=getattr(args, "resolution", 0.5), n_top_genes=args.n_top_genes,
-                 seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every, **params)
+    SCHashFormer.from_params(params).check_params()
     resolve(args.device)
 
 
@@ -374,7 +400,9 @@ def _main(args, argv: list[str]) -> int:
         if args.command in cli_scale.COMMANDS:  # simulate: writes one .h5ad, not a results directory
             return cli_scale.main(args)
         out = Path(args.out)
-        params = parse_params(getattr(args, "param", None))
+        params = estimator_params(args) if args.command != "rerun" else {}
+        if args.command == "demo":
+            params["n_clusters"] = DEMO_CLUSTERS
         _preflight(args, params)  # every parameter, before anything is read or written
         outdir.check_writable(out)  # fail before any work
         with outdir.OutLock(out):  # held until the results are in place: a second run on out is refused
@@ -414,21 +442,16 @@ def _run(args, argv: list[str], out: Path, params: dict) -> int:
         return 0
     start = time.perf_counter()
     if args.command == "demo":
-        adata, name = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5"
-        n_clusters, labels_key, resolution = 8, args.labels_key or "label", 0.5
+        adata, name, labels_key = io.read_bundled_pbmc(), "bundled 10X_PBMC_top2000.h5", args.labels_key or "label"
         source = {"path": io.bundled_pbmc_path(), "format": "xy_h5"}
     else:
         adata = io.read(args.input, format=args.format, transpose=args.transpose)
-        name, n_clusters, labels_key, resolution = args.input, args.n_clusters, args.labels_key, args.resolution
+        name, labels_key = args.input, args.labels_key
         source = {"path": args.input, "format": args.format, "transpose": bool(args.transpose)}
     print(f"read {name}: {adata.n_obs} cells x {adata.n_vars} genes")
-    report = run_cluster(adata, n_clusters=n_clusters, resolution=resolution, out=out, labels_key=labels_key,
-                         batch_key=args.batch_key, layer=args.layer, n_top_genes=args.n_top_genes,
-                         seed=args.seed, device=args.device, allow_noncounts=args.allow_noncounts,
-                         params=params, overwrite=args.overwrite, umap=not args.no_umap,
-                         progress=not args.quiet, input_name=str(name), source=source,
-                         read_seconds=time.perf_counter() - start, resume=args.resume,
-                         checkpoint_every=args.checkpoint_every)
+    report = run_cluster(adata, out=out, params=params, labels_key=labels_key, batch_key=args.batch_key,
+                         layer=args.layer, overwrite=args.overwrite, umap=not args.no_umap, input_name=str(name),
+                         source=source, read_seconds=time.perf_counter() - start, resume=args.resume)
     print_report(report, out)
     return 0
 

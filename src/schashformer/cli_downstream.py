@@ -144,10 +144,10 @@ def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
     trajectory(adata, root, use_rep=args.rep, groups=args.groups, n_neighbors=args.n_neighbors, n_dcs=args.n_dcs,
                umap=not args.no_umap, seed=args.seed, overwrite=True)  # the result file's own copy, never the input file
     run = adata.uns["trajectory"]
-    pt = adata.obs["trajectory_pseudotime"]
+    pt = adata.obs["dpt_pseudotime"]
     report = {"input": str(args.result), "n_cells": int(adata.n_obs), "root": int(run["root"]),
               "root_name": str(run["root_name"]), "groups": str(run["groups"]),
-              "n_groups": int(len(run["paga"]["groups"])), "n_unreachable": int(np.isnan(pt.to_numpy()).sum()),
+              "n_groups": int(adata.obs[run["groups"]].nunique()), "n_unreachable": int(np.isnan(pt.to_numpy()).sum()),
               "pseudotime_per_group": run["pseudotime_per_group"]}
     if args.truth_key:
         report["truth_key"] = args.truth_key
@@ -155,7 +155,7 @@ def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
     colours = list(dict.fromkeys([c for c in [args.truth_key, *(args.color or [])] if c]))
 
     def write(staging: Path) -> None:
-        adata.obs[["trajectory_pseudotime"]].rename_axis("cell").to_csv(staging / "pseudotime.csv")
+        adata.obs[["dpt_pseudotime"]].rename_axis("cell").to_csv(staging / "pseudotime.csv")
         (staging / "trajectory.json").write_text(json.dumps(report, indent=2))
         plot_trajectory(adata, color=colours or None, save=staging / "trajectory.png", show=False)
         write_h5ad(adata, staging / "result.h5ad")

@@ -84,7 +84,10 @@ def wants_out_of_core(args, train_cells: int | None = None) -> bool:
 
 
 def run_cluster_out_of_core(args, out: Path, params: dict) -> dict:
-    """``schashformer cluster`` on a ``.h5ad`` streamed from disk; writes the result files into ``out``."""
+    """``schashformer cluster`` on a ``.h5ad`` streamed from disk; writes the result files into ``out``.
+
+    ``params``: the :class:`SCHashFormer` parameters (:func:`schashformer.cli.estimator_params`).
+    """
     from . import cli, tl
     from .model import SCHashFormer
     from .streaming import CountSource, data_checksum, fit_out_of_core, write_result_h5ad
@@ -93,11 +96,9 @@ def run_cluster_out_of_core(args, out: Path, params: dict) -> dict:
     source = CountSource.from_h5ad(args.input, args.layer)
     print(f"read {args.input} (out of core): {source.n_obs} cells x {source.n_vars} genes")
     try:
-        kwargs = {"resolution": args.resolution} if hasattr(args, "resolution") else {}
-        model = SCHashFormer(args.n_clusters, n_top_genes=args.n_top_genes, seed=args.seed, device=args.device,
-                             allow_noncounts=args.allow_noncounts, progress=not args.quiet,
-                             checkpoint_dir=out / cli.CHECKPOINT_DIR, checkpoint_every=args.checkpoint_every,
-                             keep_checkpoint=True, **kwargs, **params)
+        model = SCHashFormer.from_params({**params, "checkpoint_dir": out / cli.CHECKPOINT_DIR,
+                                          "keep_checkpoint": True})
+        model.check_params()
         fit_out_of_core(model, source, batch_key=args.batch_key, labels_key=args.labels_key, resume=args.resume)
         t0 = time.perf_counter()
         checksum = data_checksum(source, model.stream_scan_)
@@ -109,7 +110,7 @@ def run_cluster_out_of_core(args, out: Path, params: dict) -> dict:
         record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
         record["out_of_core"] = {"train_cells": int(len(model.train_rows_))}
         report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
-                  "n_clusters": int(model.n_clusters_), "seed": args.seed, "out_of_core": True,
+                  "n_clusters": int(model.n_clusters_), "seed": model.seed, "out_of_core": True,
                   "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
                   "data_checksum": checksum}
         write_outputs(args, out, source, result, model, report, start)

@@ -457,7 +457,7 @@ def fit(ctx: Context, shard: ad.AnnData, model: SCHashFormer, *, batch_key: str 
     ones); None elsewhere.
     """
     comm = DistComm(ctx)
-    agree(ctx, model.check_fit_params, shard.n_obs if ctx.world == 1 else None)
+    agree(ctx, model.check_params)
     cfg, seed = model.config, model.seed
     rng = np.random.default_rng(seed)
     timings: dict = {}
@@ -559,10 +559,8 @@ def run(args) -> int:
         if ctx.rank == 0:
             print(f"read {args.input}: {n_total} cells x {shard.n_vars} genes, {ctx.world} shards "
                   f"({ctx.backend}, {ctx.device.type})")
-        params = cli.parse_params(args.param)
-        model = SCHashFormer(args.n_clusters, n_top_genes=args.n_top_genes, seed=args.seed, device=args.device,
-                             allow_noncounts=args.allow_noncounts, progress=not args.quiet,
-                             keep_checkpoint=True, **params)
+        params = cli.estimator_params(args)
+        model = SCHashFormer.from_params({**params, "keep_checkpoint": True})
         model = fit(ctx, shard, model, batch_key=args.batch_key, layer=args.layer,
                     checkpoint_dir=out / cli.CHECKPOINT_DIR, resume=args.resume)
         read_seconds = time.perf_counter() - start - sum(v["seconds"] for v in
@@ -640,10 +638,9 @@ def _write_in_memory_result(args, out: Path, model, params: dict, read_seconds: 
     if args.labels_key is not None and args.labels_key in adata.obs:
         _labelled_bucket_stats(model, adata.obs[args.labels_key])
     report = cli.run_cluster(
-        adata, n_clusters=args.n_clusters, out=out, labels_key=args.labels_key, batch_key=args.batch_key,
-        layer=args.layer, n_top_genes=args.n_top_genes, seed=args.seed, device=args.device,
-        allow_noncounts=args.allow_noncounts, params=params, overwrite=args.overwrite, umap=not args.no_umap,
-        progress=False, input_name=str(args.input), read_seconds=max(read_seconds, 0.0), model=model,
+        adata, out=out, params=cli.estimator_params(args), labels_key=args.labels_key, batch_key=args.batch_key,
+        layer=args.layer, overwrite=args.overwrite, umap=not args.no_umap, input_name=str(args.input),
+        read_seconds=max(read_seconds, 0.0), model=model,
         source={"path": args.input, "format": args.format, "transpose": args.transpose})
     report["world_size"] = int(model.world_size_)
     return report

@@ -7,7 +7,10 @@ estimator: ``fit`` / ``transform`` / ``predict`` / ``fit_predict`` / ``save`` / 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
+import typing
 import time
 import warnings
 from contextlib import contextmanager
@@ -17,32 +20,47 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.base import BaseEstimator
 
-from . import buckets, engine, resources, streaming
+from . import buckets, engine, record, resources, streaming
 from . import n_clusters as n_clusters_mod
 from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer
 from .checkpoint import Checkpointer, fingerprint_arrays
-from .preprocess import GeneStats, Prepared, expand_to_cells, prepare
+from .preprocess import DEFAULT_N_TOP_GENES, GeneStats, Prepared, expand_to_cells, prepare
 from .train import TrainConfig
 from .version import __version__
-from .validate import check_adata, check_params, check_seed, is_int, one_line, resolve, warn_narrow
+from .validate import check_adata, check_params, one_line, resolve, warn_narrow
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"
 
 
-class SCHashFormer:
+_TRAIN = TrainConfig()  # the training defaults, read by the signature below (written nowhere else)
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# parameters that change how a fit runs (where, with what output, with which checkpoints), not what it
+# computes: every other parameter defines the result and goes into save, the checkpoint fingerprint and
+# the run record that `schashformer rerun` repeats
+RUN_ONLY = ("device", "progress", "checkpoint_dir", "checkpoint_every", "keep_checkpoint")
+
+
+class SCHashFormer(BaseEstimator):
     """Learnable-LSH + local-attention clustering of single-cell counts.
+
+    A scikit-learn estimator: the constructor only stores its arguments (``get_params``,
+    ``set_params`` and ``sklearn.base.clone`` work); :meth:`check_params` checks them and
+    ``fit`` calls it first. The training parameters are the fields of
+    :class:`schashformer.train.TrainConfig`, with its defaults; :attr:`config` builds it.
 
     Parameters
     ----------
     n_clusters : number of clusters K (2 <= K <= cells), or None to estimate it: after stage-2
         pre-training, Leiden on the hash-neighbourhood kNN graph of z at ``resolution`` gives K
         and the partition that initialises the clustering head (:mod:`schashformer.n_clusters`).
-    resolution : Leiden resolution used when ``n_clusters`` is None (> 0; default 0.5): higher
-        gives more, finer clusters, lower fewer, coarser ones. Ignored when K is given.
+    resolution : Leiden resolution used when ``n_clusters`` is None (> 0; default
+        :data:`schashformer.n_clusters.DEFAULT_RESOLUTION`): higher gives more, finer clusters,
+        lower fewer, coarser ones. Ignored when K is given.
     n_top_genes : highly variable genes used as input (all genes if fewer).
     seed : random seed; fixes every random choice on the CPU.
     device : 'auto' (CUDA when available), 'cpu' or 'cuda'.
@@ -55,7 +73,25 @@ class SCHashFormer:
     checkpoint_every : training steps between checkpoints (0: only at the end of each phase).
     keep_checkpoint : keep the final checkpoint after a successful ``fit`` (by default it is deleted;
         the command line keeps it until the result files are written).
-    **params : any field of :class:`schashformer.train.TrainConfig`.
+
+    Stage 1 (the hasher; each field of TrainConfig, documented there):
+    input_pcs (>0: fixed projection on this many principal axes before the encoder), hash_heads,
+    hash_bits (None: log2(cells / 16) clipped to [4, 16]), hidden, hash_latent, stage1_steps,
+    stage1_batch, tau (contrastive temperature), mask_rate, input_noise (view noise in units of the
+    mean |standardised input|), w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance,
+    w_quantisation.
+
+    Stage 2 (neighbourhood Transformer and clustering head):
+    chunk_size, chunks_per_batch, d_model, attn_heads, layers, latent (width of z without
+    token_residual), token_pcs, token_residual, attention, stage2_pretrain_steps,
+    stage2_cluster_steps, update_interval (steps between target refreshes), tol (stop when fewer
+    labels change), w_consistency, w_kl (weight of the KL clustering loss), w_zinb_stage2 (weight
+    of the stage-2 ZINB loss), dropout, lr, weight_decay, grad_clip, kmeans_n_init, init ('kmeans'
+    or 'leiden'), graph_neighbors, infer_batch.
+
+    Large inputs: train_cells (more cells, or backed AnnData, train on a subsample of this many
+    and embed all in streaming passes), stage1_steps_subsample (cap on stage-1 steps then; None:
+    no cap).
 
     Attributes after ``fit``
     ------------------------
@@ -68,26 +104,73 @@ class SCHashFormer:
     history_ : training losses.
     """
 
-    def __init__(self, n_clusters: int | None = None, *, resolution: float = n_clusters_mod.DEFAULT_RESOLUTION,
-                 n_top_genes: int = 2000,
-                 seed: int = 0, device: str = "auto", allow_noncounts: bool = False, progress: bool = True,
-                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100, keep_checkpoint: bool = False,
-                 **params):
-        check_params(params)
-        self.resolution = n_clusters_mod.check_resolution(resolution)
-        for name, value, low in (("seed", seed, 0), ("n_top_genes", n_top_genes, 1),
-                                 ("checkpoint_every", checkpoint_every, 0)):
-            if not is_int(value) or value < low:
-                raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
-        check_seed(seed)
-        self.n_clusters, self.n_top_genes, self.seed = n_clusters, n_top_genes, seed
-        self.n_clusters_ = n_clusters  # the K used: None until fit estimates it when not given
-        self.device, self.allow_noncounts, self.progress = device, allow_noncounts, progress
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        self.checkpoint_every, self.keep_checkpoint = checkpoint_every, keep_checkpoint
-        self.config = TrainConfig(**params)
-        self.config.validate()
-        self._fitted = False
+    def __init__(self, n_clusters: int | None = None, *,
+                 resolution: float = n_clusters_mod.DEFAULT_RESOLUTION, n_top_genes: int = DEFAULT_N_TOP_GENES,
+                 seed: int = 0, device: str | torch.device = "auto", allow_noncounts: bool = False,
+                 progress: bool = True, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 100,
+                 keep_checkpoint: bool = False,
+                 # stage 1: hasher
+                 input_pcs: int = _TRAIN.input_pcs, hash_heads: int = _TRAIN.hash_heads,
+                 hash_bits: int | None = _TRAIN.hash_bits, hidden: int = _TRAIN.hidden,
+                 hash_latent: int = _TRAIN.hash_latent, stage1_steps: int = _TRAIN.stage1_steps,
+                 stage1_batch: int = _TRAIN.stage1_batch, tau: float = _TRAIN.tau,
+                 mask_rate: float = _TRAIN.mask_rate, input_noise: float = _TRAIN.input_noise,
+                 w_zinb: float = _TRAIN.w_zinb, w_contrastive: float = _TRAIN.w_contrastive,
+                 bucket_weight: float = _TRAIN.bucket_weight, detach_codes: bool = _TRAIN.detach_codes,
+                 w_balance: float = _TRAIN.w_balance, w_quantisation: float = _TRAIN.w_quantisation,
+                 # stage 2: neighbourhood Transformer + clustering head
+                 chunk_size: int = _TRAIN.chunk_size, chunks_per_batch: int = _TRAIN.chunks_per_batch,
+                 d_model: int = _TRAIN.d_model, attn_heads: int = _TRAIN.attn_heads, layers: int = _TRAIN.layers,
+                 latent: int = _TRAIN.latent, token_pcs: int = _TRAIN.token_pcs,
+                 token_residual: bool = _TRAIN.token_residual, attention: bool = _TRAIN.attention,
+                 stage2_pretrain_steps: int = _TRAIN.stage2_pretrain_steps,
+                 stage2_cluster_steps: int = _TRAIN.stage2_cluster_steps,
+                 update_interval: int = _TRAIN.update_interval, tol: float = _TRAIN.tol,
+                 w_consistency: float = _TRAIN.w_consistency, w_kl: float = _TRAIN.w_kl,
+                 w_zinb_stage2: float = _TRAIN.w_zinb_stage2, dropout: float = _TRAIN.dropout,
+                 lr: float = _TRAIN.lr, weight_decay: float = _TRAIN.weight_decay,
+                 grad_clip: float = _TRAIN.grad_clip, kmeans_n_init: int = _TRAIN.kmeans_n_init,
+                 init: str = _TRAIN.init, graph_neighbors: int = _TRAIN.graph_neighbors,
+                 infer_batch: int = _TRAIN.infer_batch,
+                 # large inputs: training on a subsample
+                 train_cells: int = _TRAIN.train_cells,
+                 stage1_steps_subsample: int | None = _TRAIN.stage1_steps_subsample):
+        # scikit-learn convention: store every argument unchanged under its own name, nothing else
+        arguments = dict(locals())
+        del arguments["self"]
+        vars(self).update(arguments)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "SCHashFormer":
+        """The estimator with ``params`` (a dict of constructor arguments); an unknown name is a
+        :class:`ParameterError` naming it, not a TypeError. Values are checked by :meth:`check_params`."""
+        unknown = sorted(set(params) - set(PARAM_DEFAULTS))
+        if unknown:
+            raise ParameterError(f"unknown parameter(s) {unknown}; see schashformer.SCHashFormer")
+        return cls(**params)
+
+    def check_params(self) -> None:
+        """Check every parameter (types and ranges): :class:`ParameterError` naming the first at fault.
+
+        ``fit`` runs it first; the command line and ``main.py`` run it before reading any data.
+        Checks that need the data (``n_clusters`` at most the number of cells) are made by ``fit``.
+        """
+        n_clusters_mod.check_resolution(self.resolution)
+        check_params(self.get_params(), PARAM_TYPES)
+
+    @property
+    def config(self) -> TrainConfig:
+        """The training configuration: a :class:`TrainConfig` of this estimator's training parameters,
+        checked, built anew on each access (change parameters with ``set_params``, not through it)."""
+        params = {name: getattr(self, name) for name in TRAIN_FIELDS}
+        check_params(params, PARAM_TYPES)
+        return TrainConfig(**params)
+
+    def result_params(self) -> dict:
+        """The parameters that define the result (all but :data:`RUN_ONLY`), as plain Python values:
+        what :meth:`save`, the checkpoint fingerprint and the run record (``rerun``) store."""
+        return {name: value.item() if isinstance(value, np.generic) else value
+                for name, value in self.get_params().items() if name not in RUN_ONLY}
 
     # ------------------------------------------------------------------ fitting
     def fit(self, adata: ad.AnnData, *, batch_key: str | None = None, labels_key: str | None = None,
@@ -108,6 +191,7 @@ class SCHashFormer:
         their standardisation instead of computing them from ``adata`` (that path uses it).
         """
         check_adata(adata)
+        self.check_params()
         if stats is None and (adata.isbacked or adata.n_obs > self.config.train_cells):
             return streaming.fit_out_of_core(self, streaming.CountSource.from_anndata(adata, layer), batch_key=batch_key,
                                    labels_key=labels_key, resume=resume)
@@ -117,11 +201,13 @@ class SCHashFormer:
             if key is not None and adata.n_obs and adata.obs[key].isna().all():
                 raise InputError(f"{what} {key!r}: every value is missing")
         known_k = self.n_clusters is not None
-        self.check_fit_params(adata.n_obs)
+        if known_k and self.n_clusters > adata.n_obs:
+            raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
         if resume and self.checkpoint_dir is None:
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         # stats given = training on the subsample of a larger input (streaming.fit_out_of_core)
         cfg, device = (self.config if stats is None else self.config.for_subsample()), resolve(self.device)
+        log.info("scHashFormer: fitting on %s", device)
         counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
         resources.check_fits(resources.fit_bytes(counts, self.n_clusters or n_clusters_mod.MEMORY_K, cfg),
                              f"clustering {adata.n_obs} cells x {adata.n_vars} genes",
@@ -181,17 +267,6 @@ class SCHashFormer:
         self.max_attention_elements_ = self.encoder_.max_scores_numel
         self._fitted = True
 
-    def check_fit_params(self, n_cells: int | None = None) -> None:
-        """Refuse an invalid ``n_clusters`` (or one above ``n_cells``, when given), or without it a resolution
-        too high for ``n_cells`` (:func:`schashformer.n_clusters.check_resolution_for`), before any work."""
-        if self.n_clusters is not None and (not is_int(self.n_clusters) or self.n_clusters < 2):
-            raise ParameterError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r} "
-                                 "(or None to estimate it)")
-        if self.n_clusters is not None and n_cells is not None and self.n_clusters > n_cells:
-            raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({n_cells})")
-        if self.n_clusters is None and n_cells is not None:  # a resolution too high would collapse K after training
-            n_clusters_mod.check_resolution_for(self.resolution, n_cells, self.config.graph_neighbors)
-
     def fit_predict(self, adata: ad.AnnData, **kwargs) -> np.ndarray:
         """``fit`` then return ``labels_``."""
         return self.fit(adata, **kwargs).labels_
@@ -234,9 +309,7 @@ class SCHashFormer:
             raise OutputExistsError(f"{target} already exists; pass overwrite=True to replace it")
         path.mkdir(parents=True, exist_ok=True)
         state = {
-            "init": {"n_clusters": self.n_clusters, "resolution": self.resolution, "n_top_genes": self.n_top_genes,
-                     "seed": self.seed,
-                     "allow_noncounts": self.allow_noncounts, **self.config.to_dict()},
+            "init": self.result_params(),
             "stats": {"genes": [str(g) for g in self.stats_.genes], "mean": torch.from_numpy(self.stats_.mean),
                       "std": torch.from_numpy(self.stats_.std), "median_library": float(self.stats_.median_library)},
             "batch_categories": list(map(str, self.batch_categories_)),
@@ -274,11 +347,13 @@ class SCHashFormer:
 
     @classmethod
     def _from_state(cls, state: dict, device: str) -> "SCHashFormer":
-        """Rebuild a model (on the CPU) from the dictionary :meth:`save` wrote."""
-        init = dict(state["init"])
-        model = cls(init.pop("n_clusters"), resolution=init.pop("resolution", n_clusters_mod.DEFAULT_RESOLUTION), n_top_genes=init.pop("n_top_genes"),
-                    seed=init.pop("seed"), allow_noncounts=init.pop("allow_noncounts"), device=device, progress=False,
-                    **init)
+        """Rebuild a model (on the CPU) from the dictionary :meth:`save` wrote.
+
+        Parameters it lacks (``resolution`` in models saved before it existed) take their defaults; the names older
+        versions used are renamed (:func:`schashformer.record.rename_legacy`).
+        """
+        init = record.rename_legacy(dict(state["init"]))
+        model = cls.from_params({**init, "device": device, "progress": False})
         model.n_clusters_ = int(state.get("n_clusters_", model.n_clusters))
         cfg, st = model.config, state["stats"]
         model.stats_ = GeneStats(np.asarray(st["genes"]), st["mean"].numpy(), st["std"].numpy(), st["median_library"])
@@ -299,7 +374,7 @@ class SCHashFormer:
 
     # ------------------------------------------------------------------ helpers
     def check_fitted(self) -> None:
-        if not self._fitted:
+        if not getattr(self, "_fitted", False):
             raise ParameterError("this SCHashFormer is not fitted yet; call fit(adata) first")
 
     def _warn_few_buckets(self, codes: np.ndarray, n_bits: int) -> None:
@@ -322,11 +397,8 @@ class SCHashFormer:
         (package version, data, every parameter, seed, device type)."""
         batch = np.zeros(0, np.int64) if data.batch_index is None else data.batch_index
         c = prep.counts
-        fingerprint = {"version": __version__, "device_type": device.type, "seed": int(self.seed),
-                       "n_clusters": -1 if self.n_clusters is None else int(self.n_clusters),
-                       "resolution": float(self.resolution), "n_top_genes": int(self.n_top_genes),
-                       "allow_noncounts": bool(self.allow_noncounts),
-                       "params": repr(sorted(self.config.to_dict().items())),
+        # one entry per parameter that defines the result, so a refusal names the parameter that differs
+        fingerprint = {**self.result_params(), "version": __version__, "device_type": device.type,
                        "data": fingerprint_arrays(c.indptr, c.indices, c.data, prep.size_factors, prep.stats.mean,
                                                   prep.stats.std, batch, prep.cell_mask,
                                                   np.asarray(prep.stats.genes, dtype=str))}
@@ -348,3 +420,10 @@ class SCHashFormer:
             raise InputError(f"batch_key {batch_key!r} has {int(col.isna().sum())} missing values")
         cats = pd.Categorical(col.astype(str))
         return cats.codes[cell_mask].astype(np.int64), list(cats.categories)
+
+
+# every constructor parameter with its default, in signature order, and its annotation: the list that
+# tl, the command line, the configs, save, the checkpoint fingerprint and rerun derive theirs from
+PARAM_DEFAULTS = {name: p.default for name, p in inspect.signature(SCHashFormer.__init__).parameters.items()
+                  if name != "self"}
+PARAM_TYPES = {name: hint for name, hint in typing.get_type_hints(SCHashFormer.__init__).items() if name != "return"}

@@ -1,7 +1,7 @@
 """Estimating the number of clusters K when it is not given (``n_clusters=None``).
 
 The default (chosen by measurement, see docs/METHOD_CHOICES.md, "Number of clusters unknown")
-is Leiden community detection (leidenalg, RB-configuration modularity at ``resolution``, default 0.5) on
+is Leiden community detection (leidenalg, RB-configuration modularity at ``resolution``, default DEFAULT_RESOLUTION) on
 the sparse kNN graph of the stage-2 embedding z whose neighbours come from the hash
 neighbourhoods only (:func:`schashformer.buckets.hash_knn_graph`): O(cells x heads x chunk)
 to build, near-linear to partition, and never a global kNN search. K is the number of

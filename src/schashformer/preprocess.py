@@ -10,6 +10,7 @@ ZINB likelihood.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ import scipy.sparse as sp
 
 from .errors import InputError, ParameterError
 
+log = logging.getLogger(__name__)
 TARGET_SUM = 1e4
 CLIP = 10.0
+DEFAULT_N_TOP_GENES = 2000  # highly variable genes used as input (SCHashFormer's n_top_genes)
 MIN_GENE_FRACTION = 0.5  # a trained model refuses input holding fewer of its genes than this
 _MAX_SIZE_FACTOR = 1e30  # keeps float32 size factors finite for absurd libraries
 _HVG_BINS = 20  # scanpy's seurat flavour
@@ -130,6 +133,50 @@ def raw_holds_counts(adata: ad.AnnData) -> bool:
                                                                                    <= 1e-3).all())
 
 
+def holds_counts(x) -> bool:
+    """Whether a matrix (dense or sparse, cells x genes) holds raw counts: finite, >= 0, whole numbers."""
+    if x is None:
+        return False
+    data = x.data if sp.issparse(x) else np.asarray(x)
+    if data.dtype.kind not in "biuf":
+        return False
+    if data.dtype.kind in "bui":
+        return bool(data.size == 0 or data.min() >= 0)
+    return bool(np.isfinite(data).all() and (data >= 0).all() and np.all(np.abs(data - np.round(data)) <= 1e-3))
+
+
+COUNTS_LAYER = "counts"  # the layer name scanpy tutorials keep raw counts under
+
+
+def resolve_counts(adata: ad.AnnData, layer: str | None = None,
+                   allow_noncounts: bool = False) -> tuple[ad.AnnData, str | None, str]:
+    """Where the raw counts of ``adata`` are: ``.X``, ``layers["counts"]`` or ``.raw``.
+
+    With ``layer`` given, or ``allow_noncounts``, or counts in ``.X``, nothing is searched. Otherwise
+    (``.X`` log-normalised or scaled, the common scanpy layout) ``layers["counts"]`` is used when it
+    holds counts, else ``adata.raw.X`` (its own genes, ``raw.var_names``); the choice is logged as a
+    warning. When none holds counts, ``.X`` is returned and the caller's validation reports it.
+
+    Returns
+    -------
+    (the AnnData to read, the layer to read or None for its ``.X``, a description such as
+    ``"adata.layers['counts']"``). For ``.raw`` the AnnData is a new one with ``raw.X``, ``raw.var``
+    and the same ``obs`` (cells x raw genes).
+    """
+    if layer is not None:
+        return adata, layer, f"adata.layers[{layer!r}]"
+    if allow_noncounts or adata.isbacked or holds_counts(adata.X):
+        return adata, None, "adata.X"
+    if COUNTS_LAYER in adata.layers and holds_counts(adata.layers[COUNTS_LAYER]):
+        log.warning("adata.X does not hold raw counts; using adata.layers[%r]", COUNTS_LAYER)
+        return adata, COUNTS_LAYER, f"adata.layers[{COUNTS_LAYER!r}]"
+    if adata.raw is not None and holds_counts(adata.raw.X):
+        log.warning("adata.X does not hold raw counts; using adata.raw.X (%d genes)", adata.raw.n_vars)
+        raw = ad.AnnData(adata.raw.X, obs=adata.obs, var=adata.raw.var.copy())
+        return raw, None, "adata.raw.X"
+    return adata, None, "adata.X"
+
+
 def check_names(adata: ad.AnnData) -> None:
     """Reject duplicated gene names (ambiguous for gene selection and for a saved model's genes);
     warn about duplicated cell names (results are stored by position, so they stay correct)."""
@@ -162,18 +209,20 @@ def validate_counts(x: sp.csr_matrix, allow_noncounts: bool = False, where: str 
         if n_frac:
             raise InputError(
                 f"{where} has {n_frac} non-integer values (e.g. {data[frac > 1e-3][0]:g}); the ZINB loss needs raw "
-                "counts. Pass the counts layer (layer=...) or allow_noncounts=True (--allow-noncounts) for "
+                "counts" + (", and neither adata.layers['counts'] nor adata.raw holds them" if where == "adata.X" else "")
+                + ". Pass the counts layer (layer=...) or allow_noncounts=True (--allow-noncounts) for "
                 "pre-normalised input"
             )
 
 
-def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = None,
+def prepare(adata: ad.AnnData, *, n_top_genes: int = DEFAULT_N_TOP_GENES, layer: str | None = None,
             allow_noncounts: bool = False, stats: GeneStats | None = None, comm=None) -> Prepared:
     """Prepare raw counts for training (``stats=None``) or for a trained model (``stats`` given).
 
     Parameters
     ----------
-    adata : AnnData with raw counts in ``.X`` (or ``layer``), cells x genes.
+    adata : AnnData with raw counts in ``.X`` (or ``layer``), cells x genes. With ``layer=None`` and
+        no counts in ``.X``, ``layers["counts"]`` or ``.raw`` is used (:func:`resolve_counts`).
     n_top_genes : number of highly variable genes to keep (all genes if fewer).
     layer : layer holding the counts instead of ``.X``.
     allow_noncounts : accept non-integer (pre-normalised) values.
@@ -199,6 +248,8 @@ def prepare(adata: ad.AnnData, *, n_top_genes: int = 2000, layer: str | None = N
         raise ParameterError(f"n_top_genes must be an integer >= 1, got {n_top_genes!r}")
     if not isinstance(adata, ad.AnnData):
         raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+    if layer is None and not allow_noncounts and adata.X is not None:
+        adata, layer, _ = resolve_counts(adata)  # log-normalised X: layers["counts"] or .raw, said in the log
     # every process validates its own cells; one refusal stops all of them before any collective
     x, total = (checked_counts(adata, layer, allow_noncounts) if comm is None
                 else comm.agree(checked_counts, adata, layer, allow_noncounts))

@@ -19,8 +19,11 @@ import scipy.sparse as sp
 from .errors import InputError
 
 _CHUNK = 1 << 22  # elements hashed per update (16-32 MiB)
-# tl.cluster arguments stored in params next to the TrainConfig fields; "" stands for None in h5ad
-RUN_ARGS = ("n_clusters", "resolution", "n_top_genes", "seed", "labels_key", "batch_key", "layer", "allow_noncounts")
+# the data arguments of tl.cluster stored in the record's params next to the estimator's parameters
+# (SCHashFormer.result_params, the device and the device used); "" stands for None in h5ad
+FIT_ARGS = ("labels_key", "batch_key", "layer")
+# parameters renamed since: old name -> new name (saved models and run records of older versions)
+RENAMED = {"alpha": "w_kl", "beta": "w_zinb_stage2"}
 
 
 def data_checksum(x: sp.csr_matrix) -> str:
@@ -105,12 +108,18 @@ def from_uns(uns: Any, key: str = "schashformer", *, where: str = "adata") -> di
     return record
 
 
-def rerun_args(record: dict) -> dict:
-    """Keyword arguments of :func:`schashformer.tl.cluster` that repeat the recorded run."""
-    from .train import TrainConfig
+def rename_legacy(params: dict) -> dict:
+    """``params`` with the names of older versions (:data:`RENAMED`) replaced by today's."""
+    return {RENAMED.get(name, name): value for name, value in params.items()}
 
-    params = {k: plain(v) for k, v in record["params"].items()}
-    args = {k: params[k] for k in RUN_ARGS if k in params}
-    args["allow_noncounts"] = bool(args.get("allow_noncounts") or False)
-    args.update({k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__})
-    return args
+
+def rerun_args(record: dict) -> tuple[dict, dict]:
+    """(estimator parameters, data arguments :data:`FIT_ARGS`) that repeat the recorded run.
+
+    The parameters are every recorded one but the device (``device``, ``device_used``: the caller
+    chooses), with None restored and old names renamed; a parameter the record lacks (one added
+    since) takes its default.
+    """
+    params = rename_legacy({k: plain(v) for k, v in record["params"].items() if k not in ("device", "device_used")})
+    fit_args = {k: params.pop(k, None) for k in FIT_ARGS}
+    return params, fit_args

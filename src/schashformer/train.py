@@ -16,7 +16,12 @@ from .errors import ParameterError
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of both stages (defaults chosen by the benchmarks, see docs)."""
+    """Hyper-parameters of both stages (defaults chosen by the benchmarks, see docs).
+
+    The defaults here are the only ones: :class:`schashformer.SCHashFormer` takes every field as a
+    keyword argument with this default (a test pins it) and builds this configuration from them
+    (its ``config``); the values are checked by :func:`schashformer.validate.check_params`.
+    """
 
     # stage 1: hasher
     input_pcs: int = 0  # >0: a fixed projection on this many principal axes precedes the encoder
@@ -76,29 +81,6 @@ class TrainConfig:
         if self.hash_bits is not None:
             return self.hash_bits
         return int(np.clip(round(math.log2(max(n_cells, 2) / 16)), 4, 16))
-
-    def validate(self) -> None:
-        for name in ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch",
-                     "d_model", "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch",
-                     "train_cells"):
-            if getattr(self, name) < 1:
-                raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.stage1_steps_subsample is not None and (not isinstance(self.stage1_steps_subsample, int)
-                                                        or self.stage1_steps_subsample < 0):
-            raise ParameterError(f"stage1_steps_subsample must be None or an integer >= 0, got {self.stage1_steps_subsample!r}")
-        for name in ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs"):
-            if getattr(self, name) < 0:
-                raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.d_model % self.attn_heads:
-            raise ParameterError(f"d_model={self.d_model} must be divisible by attn_heads={self.attn_heads}")
-        if self.init not in ("kmeans", "leiden"):
-            raise ParameterError(f"init must be 'kmeans' or 'leiden', got {self.init!r}")
-        if not 0 <= self.mask_rate < 1 or not 0 <= self.dropout < 1:
-            raise ParameterError("mask_rate and dropout must be in [0, 1)")
-        if self.w_zinb < 0:
-            raise ParameterError(f"w_zinb must be >= 0, got {self.w_zinb}")
-        if self.tau <= 0 or self.lr <= 0:
-            raise ParameterError(f"tau and lr must be > 0, got tau={self.tau}, lr={self.lr}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,8 @@
 """Trajectories on an embedding: PAGA (Wolf et al. 2019) and diffusion pseudotime (Haghverdi et al. 2016).
 
 Both come from scanpy (``sc.tl.paga``, ``sc.tl.diffmap``, ``sc.tl.dpt``); this module chooses
-the root, runs them on a light copy of the AnnData (so the user's own ``neighbors``, ``diffmap``
-or ``paga`` results are never replaced) and stores what they found under one key.
+the root, reuses the hash-neighbourhood graph that :func:`schashformer.tl.cluster` stored (no
+neighbour search) and leaves the results in scanpy's own keys, so scanpy's plots read them.
 """
 
 from __future__ import annotations
@@ -65,9 +65,16 @@ def extreme_cell(diffmap: np.ndarray, mask: np.ndarray, component: int = 1) -> i
 
 
 def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", groups: str | None = "schashformer",
-               key_added: str = "trajectory", n_neighbors: int = 15, n_dcs: int = 10, method: str = "gauss", umap: bool = True,
-               seed: int = 0, overwrite: bool = False, copy: bool = False):
-    """PAGA graph and diffusion pseudotime on an embedding, written into ``adata``.
+               neighbors_key: str | None = "schashformer_neighbors", key_added: str = "trajectory",
+               n_neighbors: int = 15, n_dcs: int = 10, method: str = "gauss", umap: bool = True, seed: int = 0,
+               overwrite: bool = False, copy: bool = False):
+    """PAGA graph and diffusion pseudotime on an embedding, written where scanpy writes them.
+
+    The kNN graph is the one stored under ``neighbors_key`` (by :func:`schashformer.tl.cluster`:
+    the hash-neighbourhood graph, no neighbour search) when it was built on ``use_rep``; otherwise
+    ``sc.pp.neighbors`` builds one on ``obsm[use_rep]`` under ``f"{key_added}_neighbors"``. Then
+    ``sc.tl.paga``, ``sc.tl.diffmap`` and ``sc.tl.dpt`` run on the AnnData itself, so ``sc.pl.paga``,
+    ``sc.pl.paga_compare`` and ``sc.pl.dpt_timeseries`` read the results.
 
     Parameters
     ----------
@@ -77,26 +84,27 @@ def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", grou
         is its cell most extreme along the first diffusion component (scanpy practice).
     use_rep : ``obsm`` key of the embedding.
     groups : ``obs`` column of the PAGA nodes (default: scHashFormer clusters); None or a missing
-        default: Leiden clusters of the embedding's kNN graph.
-    key_added : prefix of the keys written.
-    n_neighbors : neighbours of the kNN graph (``sc.pp.neighbors``).
+        default: Leiden clusters of the kNN graph, written to ``obs[f"{key_added}_groups"]``.
+    neighbors_key : stored neighbours to reuse (scanpy layout, ``uns[neighbors_key]``).
+    key_added : prefix of the keys written besides scanpy's own.
+    n_neighbors, method : neighbours and kernel (``"gauss"``, the kernel of the diffusion-pseudotime
+        paper, or ``"umap"``) of the kNN graph, only when one has to be built.
     n_dcs : diffusion components used by DPT.
-    method : kernel of the kNN graph (``sc.pp.neighbors``): ``"gauss"`` (default; the kernel of the
-        diffusion-pseudotime paper) or ``"umap"`` (scanpy's default; its first call in a process
-        spends about a minute compiling numba code).
     umap : also compute a UMAP initialised from the PAGA graph (``init_pos="paga"``) for plots.
-    seed : random seed of Leiden / UMAP.
-    overwrite : replace results already under ``key_added``.
+    seed : random seed of Leiden / diffusion map / UMAP.
+    overwrite : replace results already there (scanpy's ``uns["paga"]``, ``obs["dpt_pseudotime"]``, ...).
     copy : work on a copy and return it.
 
     Writes
     ------
-    ``obs[f"{key_added}_pseudotime"]`` (cells,) DPT in [0, 1] (NaN for cells not connected to the
-    root); ``obsm[f"X_{key_added}_diffmap"]`` (cells, n_dcs) diffusion components;
-    ``obsm[f"X_{key_added}_umap"]`` (cells, 2) with ``umap``; ``obs[f"{key_added}_groups"]`` when
-    Leiden made the groups; ``uns[key_added]``: ``root`` (cell index), ``root_name``, ``groups``,
-    ``use_rep``, ``paga`` (``connectivities`` and ``connectivities_tree``, groups x groups sparse,
-    ``groups`` in their order) and ``pseudotime_per_group`` (median per group).
+    scanpy's keys: ``uns["paga"]`` (``connectivities``, ``connectivities_tree``, ``groups`` = the
+    ``obs`` key of the nodes, ``pos`` node positions), ``obsm["X_diffmap"]`` (cells, max(n_dcs, 3)),
+    ``uns["diffmap_evals"]``, ``uns["iroot"]``, ``obs["dpt_pseudotime"]`` (cells,) in [0, 1] (NaN for
+    cells not connected to the root); ``obsm[f"X_{key_added}_umap"]`` (cells, 2) with ``umap``;
+    ``obs[f"{key_added}_groups"]`` when Leiden made the groups (or ``obs[groups]`` had cells
+    without a cluster, named ``"unassigned"``); ``uns[key_added]``: ``root`` (cell index),
+    ``root_name``, ``groups``, ``use_rep``, ``neighbors_key``, ``params`` and
+    ``pseudotime_per_group`` (median per group).
 
     Returns
     -------
@@ -115,58 +123,59 @@ def trajectory(adata: ad.AnnData, root, *, use_rep: str = "X_schashformer", grou
     if adata.n_obs < max(n_neighbors + 1, n_dcs + 2):
         raise InputError(f"{adata.n_obs} cells are too few for a trajectory with n_neighbors={n_neighbors}, "
                          f"n_dcs={n_dcs}")
-    keys = {"obs": f"{key_added}_pseudotime", "uns": key_added}
-    taken = [f"{w}[{k!r}]" for w, k in keys.items() if k in getattr(adata, w)]
+    if method not in ("gauss", "umap"):
+        raise ParameterError(f"method must be 'gauss' or 'umap', got {method!r}")
+    keys = {"obs": ["dpt_pseudotime"], "obsm": ["X_diffmap"], "uns": ["paga", key_added]}
+    taken = [f"{w}[{k!r}]" for w, ks in keys.items() for k in ks if k in getattr(adata, w)]
     if taken and not overwrite:
         raise ParameterError(f"{', '.join(taken)} already hold results; pass overwrite=True or another key_added")
     adata = adata.copy() if copy else adata
     parsed = _parse_root(root, adata, groups)  # before any work: a bad root fails fast
 
-    light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"X_rep": x})
-    if method not in ("gauss", "umap"):
-        raise ParameterError(f"method must be 'gauss' or 'umap', got {method!r}")
-    sc.pp.neighbors(light, use_rep="X_rep", n_neighbors=n_neighbors, method=method, random_state=seed)
-    made_groups = groups is None or groups not in adata.obs
-    if made_groups:
-        sc.tl.leiden(light, key_added="groups", random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    stored = adata.uns.get(neighbors_key) if neighbors_key else None
+    if isinstance(stored, dict) and stored.get("params", {}).get("use_rep") == use_rep \
+            and stored.get("connectivities_key") in adata.obsp:
+        nk = neighbors_key
     else:
+        nk = f"{key_added}_neighbors"
+        sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, method=method, random_state=seed,
+                        key_added=nk)
+    group_key = groups
+    if groups is None or groups not in adata.obs:
+        group_key = f"{key_added}_groups"
+        sc.tl.leiden(adata, key_added=group_key, neighbors_key=nk, random_state=seed, flavor="igraph",
+                     n_iterations=2, directed=False)
+    elif adata.obs[groups].isna().any() or not isinstance(adata.obs[groups].dtype, pd.CategoricalDtype):
         col = adata.obs[groups]
-        # cells without a cluster (zero counts in tl.cluster) form their own PAGA node
-        light.obs["groups"] = pd.Categorical(np.where(col.isna(), "unassigned", col.astype(str)))
-    sc.tl.paga(light, groups="groups")
-    sc.tl.diffmap(light, n_comps=max(n_dcs, 3), random_state=seed)
+        group_key = f"{key_added}_groups"  # cells without a cluster (zero counts in tl.cluster): their own node
+        adata.obs[group_key] = pd.Categorical(np.where(col.isna(), "unassigned", col.astype(str)))
+    sc.tl.paga(adata, groups=group_key, neighbors_key=nk)
+    sc.tl.diffmap(adata, n_comps=max(n_dcs, 3), neighbors_key=nk, random_state=seed)
     if parsed[0] == "cell":
         iroot, root_name = parsed[1], str(adata.obs_names[parsed[1]])
     else:
-        iroot = extreme_cell(light.obsm["X_diffmap"], parsed[1])
+        iroot = extreme_cell(adata.obsm["X_diffmap"], parsed[1])
         root_name = f"{adata.obs_names[iroot]} ({parsed[2]})"
-    light.uns["iroot"] = iroot
-    sc.tl.dpt(light, n_dcs=n_dcs)
-    pt = light.obs["dpt_pseudotime"].to_numpy(dtype=float)
+    adata.uns["iroot"] = iroot
+    sc.tl.dpt(adata, n_dcs=n_dcs, neighbors_key=nk)
+    pt = adata.obs["dpt_pseudotime"].to_numpy(dtype=float)
     unreachable = ~np.isfinite(pt)
     if unreachable.any():
         warnings.warn(f"{int(unreachable.sum())} cells are not connected to the root in the kNN graph; their "
                       "pseudotime is NaN", UserWarning, stacklevel=2)
         pt[unreachable] = np.nan
-    sc.pl.paga(light, show=False, plot=False, random_state=seed)  # node positions: plots and UMAP's init_pos
+        adata.obs["dpt_pseudotime"] = pt
+    sc.pl.paga(adata, show=False, plot=False, random_state=seed)  # node positions: plots and UMAP's init_pos
     if umap:
-        sc.tl.umap(light, init_pos="paga", random_state=seed)
-        adata.obsm[f"X_{key_added}_umap"] = light.obsm["X_umap"].astype(np.float32)
-
-    adata.obs[f"{key_added}_pseudotime"] = pt
-    if made_groups:
-        adata.obs[f"{key_added}_groups"] = light.obs["groups"].to_numpy()
-    adata.obsm[f"X_{key_added}_diffmap"] = light.obsm["X_diffmap"][:, :n_dcs].astype(np.float32)
-    group_names = list(light.obs["groups"].cat.categories)
-    per_group = pd.Series(pt).groupby(light.obs["groups"].to_numpy(), observed=True).median()
+        umap_key = f"X_{key_added}_umap"
+        sc.tl.umap(adata, init_pos="paga", random_state=seed, neighbors_key=nk, key_added=umap_key)
+        adata.uns.pop(umap_key, None)  # scanpy's UMAP parameters; recorded in uns[key_added] instead
+    group_names = list(adata.obs[group_key].cat.categories)
+    per_group = pd.Series(pt).groupby(adata.obs[group_key].to_numpy(), observed=True).median()
     adata.uns[key_added] = {
-        "root": iroot, "root_name": root_name, "use_rep": use_rep,
-        "groups": f"{key_added}_groups" if made_groups else groups,
-        "params": {"n_neighbors": n_neighbors, "n_dcs": n_dcs, "method": method, "seed": seed, "root": str(root)},
-        "paga": {"connectivities": light.uns["paga"]["connectivities"].tocsr(),
-                 "connectivities_tree": light.uns["paga"]["connectivities_tree"].tocsr(),
-                 "groups": np.asarray(group_names, dtype=str),
-                 "pos": np.asarray(light.uns["paga"]["pos"], dtype=float)},
+        "root": iroot, "root_name": root_name, "use_rep": use_rep, "groups": group_key, "neighbors_key": nk,
+        "params": {"n_neighbors": n_neighbors, "n_dcs": n_dcs, "method": method, "seed": seed, "root": str(root),
+                   "umap": bool(umap)},
         "pseudotime_per_group": {str(g): float(per_group.get(g, np.nan)) for g in group_names},
     }
     return adata if copy else None

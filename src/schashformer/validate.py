@@ -1,4 +1,4 @@
-"""Checks of arguments at the package boundary: AnnData type, parameter types, device names.
+"""Checks of arguments at the package boundary: AnnData type, estimator parameters, device names.
 
 Data checks (counts, names, genes) live in :mod:`schashformer.preprocess` and the file
 checks in :mod:`schashformer.io`; every rejected input is listed in docs/VALIDATION.md.
@@ -6,12 +6,17 @@ checks in :mod:`schashformer.io`; every rejected input is listed in docs/VALIDAT
 
 from __future__ import annotations
 
+import os
+import types
+import typing
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import torch
 
 from .errors import InputError, ParameterError
-from .train import TrainConfig, resolve_device
+from .train import resolve_device
 
 
 def is_int(value) -> bool:
@@ -25,24 +30,86 @@ def check_adata(adata) -> None:
         raise InputError(f"expected an AnnData, got {type(adata).__name__}")
 
 
-def check_params(params: dict) -> None:
-    """Unknown TrainConfig fields and values of the wrong type are refused before they reach training."""
-    fields = TrainConfig.__dataclass_fields__
-    unknown = set(params) - set(fields)
-    if unknown:
-        raise ParameterError(f"unknown parameter(s) {sorted(unknown)}; see schashformer.train.TrainConfig")
-    checks = {"int": is_int, "bool": lambda v: isinstance(v, (bool, np.bool_)), "str": lambda v: isinstance(v, str),
-              "float": lambda v: is_int(v) or isinstance(v, (float, np.floating))}
+def annotation_types(hint) -> tuple:
+    """The types an annotation allows: ``int | None`` -> (int, NoneType)."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return typing.get_args(hint) if union else (hint,)
+
+
+def type_names(hint) -> list[str]:
+    """The names of the types an annotation allows: ``int | None`` -> ["int", "None"]."""
+    return ["None" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in annotation_types(hint)]
+
+
+def _has_type(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if kind is int:
+        return is_int(value)
+    if kind is float:  # an integer is a number too
+        return is_int(value) or isinstance(value, (float, np.floating))
+    if kind is Path:
+        return isinstance(value, (str, os.PathLike))
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def check_types(params: dict, hints: dict) -> None:
+    """Each value of ``params`` has one of the types of its annotation in ``hints`` (``typing.get_type_hints``)."""
     for name, value in params.items():
-        kinds = [k.strip() for k in str(fields[name].type).split("|")]
-        if value is None and "None" in kinds:
-            continue
-        known = [checks[k] for k in kinds if k in checks]
-        if known and not any(check(value) for check in known):
-            raise ParameterError(f"parameter {name} must be {' or '.join(kinds)}, got {value!r}")
+        hint = hints[name]
+        if not any(_has_type(value, kind) for kind in annotation_types(hint)):
+            raise ParameterError(f"parameter {name} must be {' or '.join(type_names(hint))}, got {value!r}")
+
+
+# training parameters that count things: at least 1, or (the step and component counts) at least 0
+_AT_LEAST_1 = ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch", "d_model",
+               "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch", "train_cells")
+_AT_LEAST_0 = ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs")
+
+
+def check_params(params: dict, hints: dict) -> None:
+    """Check the estimator parameters in ``params`` (any subset of them; ``hints``: their annotations).
+
+    The one check of :class:`schashformer.SCHashFormer`'s parameters (its ``check_params``, run first
+    by ``fit`` and by the command line before any data is read): the ranges of ``n_clusters``,
+    ``seed``, ``n_top_genes`` and ``checkpoint_every``, then every value's type against its
+    annotation, then the ranges of the :class:`~schashformer.train.TrainConfig` fields. Checks that
+    need the data (K at most the number of cells) stay in ``fit``; ``resolution`` is checked by
+    :func:`schashformer.n_clusters.check_resolution`.
+    """
+    k = params.get("n_clusters")
+    if k is not None and (not is_int(k) or k < 2):
+        raise ParameterError(f"n_clusters must be an integer >= 2, got {k!r} (or None to estimate it)")
+    for name, low in (("seed", 0), ("n_top_genes", 1), ("checkpoint_every", 0)):
+        if name in params and (not is_int(params[name]) or params[name] < low):
+            raise ParameterError(f"{name} must be an integer >= {low}, got {params[name]!r}")
+    check_types(params, hints)
+    if "seed" in params:
+        check_seed(params["seed"])
     bits = params.get("hash_bits")
     if bits is not None and not 1 <= bits <= 62:
         raise ParameterError(f"hash_bits must be in [1, 62] (or None for automatic), got {bits}")
+    for names, low in ((_AT_LEAST_1, 1), (_AT_LEAST_0, 0)):
+        for name in names:
+            if name in params and params[name] < low:
+                raise ParameterError(f"{name} must be >= {low}, got {params[name]}")
+    steps = params.get("stage1_steps_subsample")
+    if steps is not None and steps < 0:
+        raise ParameterError(f"stage1_steps_subsample must be None or an integer >= 0, got {steps!r}")
+    if "d_model" in params and "attn_heads" in params and params["d_model"] % params["attn_heads"]:
+        raise ParameterError(f"d_model={params['d_model']} must be divisible by attn_heads={params['attn_heads']}")
+    if "init" in params and params["init"] not in ("kmeans", "leiden"):
+        raise ParameterError(f"init must be 'kmeans' or 'leiden', got {params['init']!r}")
+    for name in ("mask_rate", "dropout"):
+        if name in params and not 0 <= params[name] < 1:
+            raise ParameterError("mask_rate and dropout must be in [0, 1)")
+    if params.get("w_zinb", 0) < 0:
+        raise ParameterError(f"w_zinb must be >= 0, got {params['w_zinb']}")
+    for name in ("tau", "lr"):
+        if name in params and params[name] <= 0:
+            raise ParameterError(f"tau and lr must be > 0, got tau={params.get('tau')}, lr={params.get('lr')}")
     check_values(params)
 
 
