@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from schashformer import SCHashFormer, io
-from schashformer.cli import print_report, run_cluster
+from schashformer.app import print_report, run_cluster
 from schashformer.errors import InputError, ParameterError, SCHashFormerError
 
 ROOT = Path(__file__).resolve().parent

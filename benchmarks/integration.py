@@ -30,7 +30,7 @@ import pandas as pd
 
 from schashformer import io, tl
 from schashformer.baselines import pca_embedding
-from schashformer.cli import parse_params
+from schashformer.app import parse_params
 from schashformer.datasets import add_batch_effects
 from schashformer.integration import integration_scores
 

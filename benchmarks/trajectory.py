@@ -30,7 +30,7 @@ import pandas as pd
 
 from schashformer import io, pl, tl
 from schashformer.baselines import pca_embedding
-from schashformer.cli import parse_params
+from schashformer.app import parse_params
 from schashformer.datasets import simulate_branching
 from schashformer.trajectory import pseudotime_correlation
 

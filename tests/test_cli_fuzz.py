@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schashformer import cli
+from schashformer import app, cli
 from schashformer.train import TrainConfig
 from tests.conftest import simulate_counts
 from tests.test_validation import TINY_ARGS
@@ -100,7 +100,7 @@ def one_thread():
 def test_cli_fuzz_exits_0_or_2_without_traceback(inputs, tmp_path, capsys, monkeypatch, one_thread):
     from schashformer import cli_analysis
 
-    monkeypatch.setattr(cli_analysis, "write_cluster_plots", lambda *a, **k: {})
+    monkeypatch.setattr(app, "write_cluster_plots", lambda *a, **k: {})
     outcomes = {"ok": 0, "refused": 0, "diverged": 0}
     counter = iter(range(10**6))
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import schashformer as shf
 from schashformer import distributed as D
+from schashformer import worker
 from schashformer.preprocess import GeneSums, log_normalise, prepare, select_genes
 from tests.conftest import FAST, simulate_counts
 
@@ -141,14 +142,14 @@ def test_refused_input_is_one_line_on_every_rank(one_rank, tmp_path, capsys, mon
     # what each torchrun worker does with a bad input: one line, no trace, exit status 2
     argv = ["cluster", str(tmp_path / "missing.h5ad"), "--n-clusters", "3", "--out", str(tmp_path / "o"),
             "--device", "cpu", "--quiet"]
-    assert D.main(argv) == 2
+    assert worker.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("schashformer: error:") and "no such file" in err and "Traceback" not in err
     # under the --nproc launcher the message goes to its file and the worker exits 0 (no torchrun trace)
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     D.init("cpu")
     monkeypatch.setenv(D.ERROR_FILE_ENV, str(tmp_path / "error.txt"))
-    assert D.main(argv) == 0
+    assert worker.main(argv) == 0
     assert "no such file" in (tmp_path / "error.txt").read_text()
     assert not (tmp_path / "o").exists()
 

@@ -15,6 +15,7 @@ import yaml
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import check_no_attributes_set_in_init, check_parameters_default_constructible
 
+from schashformer import app
 from schashformer import SCHashFormer, cli, record, tl
 from schashformer import n_clusters as nc
 from schashformer.errors import InputError, ParameterError
@@ -185,21 +186,21 @@ def test_checkpoint_fingerprint_names_a_differing_training_parameter(tmp_path):
 
 # ----------------------------------------------------------------------------- command line and configs
 def test_cli_param_accepts_every_other_parameter():
-    settable = [name for name in PARAM_DEFAULTS if name not in cli.OPTION_PARAMS and name not in cli.FIXED_PARAMS]
+    settable = [name for name in PARAM_DEFAULTS if name not in app.OPTION_PARAMS and name not in app.FIXED_PARAMS]
     assert set(TRAIN_FIELDS) <= set(settable)
     items = [f"{name}={yaml_text(OTHER[name])}" for name in settable]
-    assert cli.parse_params(items) == {name: OTHER[name] for name in settable}
+    assert app.parse_params(items) == {name: OTHER[name] for name in settable}
     for name in TRAIN_FIELDS:  # the defaults as well
-        assert cli.parse_params([f"{name}={yaml_text(PARAM_DEFAULTS[name])}"]) == {name: PARAM_DEFAULTS[name]}
+        assert app.parse_params([f"{name}={yaml_text(PARAM_DEFAULTS[name])}"]) == {name: PARAM_DEFAULTS[name]}
     args = cli.build_parser().parse_args(["cluster", "in.h5ad", "--out", "o", "--seed", "4", "--quiet", *(
         a for item in items for a in ("--param", item))])
-    params = cli.estimator_params(args)
+    params = app.estimator_params(args)
     model = SCHashFormer.from_params(params)
     model.check_params()
     assert model.config.to_dict() == {name: OTHER[name] for name in TRAIN_FIELDS}
     assert params["seed"] == 4 and params["progress"] is False
-    assert {k: params[k] for k in cli.OPTION_PARAMS if k != "seed"} == {
-        k: PARAM_DEFAULTS[k] for k in cli.OPTION_PARAMS if k != "seed"}  # option defaults: the estimator's
+    assert {k: params[k] for k in app.OPTION_PARAMS if k != "seed"} == {
+        k: PARAM_DEFAULTS[k] for k in app.OPTION_PARAMS if k != "seed"}  # option defaults: the estimator's
 
 
 @pytest.mark.parametrize("item,message", [
@@ -211,7 +212,7 @@ def test_cli_param_accepts_every_other_parameter():
 ])
 def test_cli_param_refuses_names_with_their_own_option(item, message):
     with pytest.raises(ParameterError, match=message):
-        cli.parse_params([item])
+        app.parse_params([item])
 
 
 def test_every_shipped_config_is_accepted():

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+from schashformer import app
 from schashformer import SCHashFormer, checkpoint, cli
 from schashformer.nn import losses
 from schashformer.checkpoint import Checkpointer
@@ -54,7 +55,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "schashformer.cli", *argv(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = killed / cli.CHECKPOINT_DIR / checkpoint.STATE_FILE
+    ckpt = killed / app.CHECKPOINT_DIR / checkpoint.STATE_FILE
     deadline, state = time.monotonic() + 60, None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -70,7 +71,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     at_kill = read_state(ckpt)
     assert at_kill["phase"] == "pretrain" and 0 < at_kill["step"] < KILL_PARAMS["stage2_pretrain_steps"]
-    assert sorted(p.name for p in killed.iterdir()) == [cli.CHECKPOINT_DIR]  # no results, only the checkpoint
+    assert sorted(p.name for p in killed.iterdir()) == [app.CHECKPOINT_DIR]  # no results, only the checkpoint
 
     assert cli.main(argv(killed, "--resume")) == 0
     assert cli.main(argv(tmp_path / "straight")) == 0  # the uninterrupted run

@@ -19,6 +19,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from schashformer import app
 from schashformer import SCHashFormer, cli, io, tl
 from schashformer.errors import (InputError, OutputError, OutputExistsError, ParameterError, ResourceError,
                                  SCHashFormerError, TrainingError)
@@ -181,7 +182,7 @@ def table(tmp, name, text):
 
 def out_is_a_file(tmp):
     (tmp / "out").write_text("x")
-    return lambda: cli.check_out_dir(tmp / "out", overwrite=True)
+    return lambda: app.check_out_dir(tmp / "out", overwrite=True)
 
 
 def out_with(tmp, files):
@@ -189,7 +190,7 @@ def out_with(tmp, files):
     out.mkdir()
     for name in files:
         (out / name).write_text("x")
-    return lambda: cli.check_out_dir(out, overwrite=False)
+    return lambda: app.check_out_dir(out, overwrite=False)
 
 
 def failing_write(tmp, monkeypatch):
@@ -199,7 +200,7 @@ def failing_write(tmp, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pl, "umap_png", disk_full)
-    return lambda: cli.run_cluster(small(), out=tmp / "out", params={**TINY, "n_clusters": 3, "progress": False})
+    return lambda: app.run_cluster(small(), out=tmp / "out", params={**TINY, "n_clusters": 3, "progress": False})
 
 
 def checkpoint_of_another_run(tmp):
@@ -216,7 +217,7 @@ def corrupt_checkpoint(tmp):
 
 def out_with_checkpoint(tmp):
     (tmp / "out" / ".checkpoint").mkdir(parents=True)
-    return lambda: cli.check_out_dir(tmp / "out", overwrite=False)
+    return lambda: app.check_out_dir(tmp / "out", overwrite=False)
 
 
 def little_memory(monkeypatch, action, available=2**20):
@@ -322,7 +323,7 @@ CASES = {
             r"holds files that are not scHashFormer results \(e\.g\. 'notes\.txt'\)"),
     "V54": (lambda t, m, f: out_is_a_file(t), OutputExistsError,
             r"--out .*out exists and is not a directory"),
-    "V55": (lambda t, m, f: lambda: cli.parse_params(["lr"]), ParameterError, r"--param expects key=value, got 'lr'"),
+    "V55": (lambda t, m, f: lambda: app.parse_params(["lr"]), ParameterError, r"--param expects key=value, got 'lr'"),
     "V56": (lambda t, m, f: failing_write(t, m), OutputError,
             r"out: results could not be written \(OSError: \[Errno 28\] No space left on device\)"),
     "V60": (lambda t, m, f: checkpoint_of_another_run(t), InputError,
@@ -421,7 +422,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, patter
 
 
 def test_param_values_are_parsed_like_yaml_with_exponents():
-    assert cli.parse_params(["lr=1e-3", "hash_bits=null", "detach_codes=false", "init=leiden"]) == {
+    assert app.parse_params(["lr=1e-3", "hash_bits=null", "detach_codes=false", "init=leiden"]) == {
         "lr": 1e-3, "hash_bits": None, "detach_codes": False, "init": "leiden"}
 
 
@@ -454,7 +455,7 @@ def test_results_are_staged_then_renamed(tmp_path, monkeypatch, existing):
         seen["staging"] = staging
         publish(staging, out)
 
-    monkeypatch.setattr(cli, "_publish", spy)
+    monkeypatch.setattr(app, "_publish", spy)
     assert cli.main(cluster_argv(tmp_path / "in.h5ad", tmp_path / "out")) == 0
     assert seen["out_before"] == [".checkpoint"] and seen["staged"] == RESULTS_NO_UMAP
     assert seen["staging"].parent == tmp_path and ".partial-" in seen["staging"].name
@@ -608,7 +609,7 @@ def test_rerun_refusals(row, recorded_run, tmp_path, capsys):
         a.write_h5ad(tmp_path / "api.h5ad")
         argv, pattern = ["rerun", str(tmp_path / "api.h5ad")], r"the run record has no input path .*pass --input"
     with pytest.raises(InputError, match=pattern):
-        cli.run_rerun(Path(argv[1]), out=tmp_path / "o", input_path=argv[3] if len(argv) > 2 else None)
+        app.run_rerun(Path(argv[1]), out=tmp_path / "o", input_path=argv[3] if len(argv) > 2 else None)
     assert cli.main(argv + ["--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and re.search(pattern, err)

@@ -4,9 +4,8 @@
 ``schashformer.SCHashFormer`` for the estimator, ``schashformer.io.read`` for files.
 """
 
-from .version import __version__
-
 from . import io, pl, tl  # noqa: E402
 from .model import SCHashFormer  # noqa: E402
+from .version import __version__
 
 __all__ = ["SCHashFormer", "io", "pl", "tl", "__version__"]

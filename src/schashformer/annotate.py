@@ -35,6 +35,7 @@ import pandas as pd
 from . import engine
 from .data import CellData
 from .errors import InputError, ParameterError
+from .model import SCHashFormer
 from .preprocess import Prepared, prepare, principal_axes
 from .validate import check_adata, is_int
 
@@ -322,7 +323,6 @@ def annotate(query: ad.AnnData, reference: ad.AnnData, labels_key: str, *, model
     -------
     The annotated copy if ``copy``, else None; with ``return_model`` a tuple (that, model).
     """
-    from .model import SCHashFormer
 
     check_transfer_args(query, reference, labels_key, n_neighbors=n_neighbors, window=window,
                         min_confidence=min_confidence, class_balance=class_balance, space=space)

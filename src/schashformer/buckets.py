@@ -11,8 +11,8 @@ Everything is numpy vector code: no Python loop over buckets.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import pandas as pd
+import scipy.sparse as sp
 
 
 def sort_order(codes: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -133,7 +133,6 @@ def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_n
 
     The neighbours are those of :func:`hash_knn`; no global kNN search.
     """
-    import scipy.sparse as sp
 
     n = z.shape[0]
     nbrs, _ = hash_knn(z, orders, chunk_size, n_neighbors, block)

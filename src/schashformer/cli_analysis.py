@@ -16,13 +16,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+from sklearn import metrics as skm
 
-from .errors import InputError, OutputExistsError
+from . import app, io, pl
+from .annotate import annotate
+from .errors import InputError
+from .metrics import clustering_scores, per_cluster_scores
+from .model import SCHashFormer
+from .rare import rare_populations
 
 ANNOTATE_FILES = ("annotation.csv", "annotation.json", "result.h5ad", "umap.png", "confusion.png")
 EVALUATE_FILES = ("per_label.csv", "per_cluster.csv", "evaluation.json", "confusion.png")
-PLOT_FILES = ("umap.png", "confusion.png", "bucket_sizes.png", "training_curves.png")
-MODEL_DIR = "model"  # inside a `schashformer cluster` output: the fitted model, for annotate
 COMMANDS = ("annotate", "evaluate")
 
 
@@ -52,9 +56,7 @@ def add_parsers(sub) -> None:
     ann.add_argument("--query-labels-key", default=None,
                      help="query obs column of known labels: report accuracy / macro F1 and a confusion plot")
     ann.add_argument("--format", default=None, help="query file format (default: guess)")
-    ann.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    ann.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
-    ann.add_argument("--quiet", action="store_true", help="no progress messages")
+    app.add_output_options(ann, plot_flag="--no-umap", plot_help="skip the UMAP plot")
 
     ev = sub.add_parser("evaluate", help="per-label and per-cluster precision / recall / F1 of a clustering")
     ev.add_argument("result", help="result.h5ad written by 'schashformer cluster' (or any h5ad with both columns)")
@@ -72,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     """Run ``annotate`` or ``evaluate``; errors propagate as :class:`SCHashFormerError` to ``cli.main``."""
     out = Path(args.out)
     names = ANNOTATE_FILES if args.command == "annotate" else EVALUATE_FILES
-    check_out(out, names, args.overwrite)
+    app.check_out(out, names, args.overwrite)
     if args.command == "annotate":
         report = run_annotate(args, out)
         called = 1 - report["unknown_fraction"]
@@ -90,32 +92,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_out(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, holds foreign files, or holds results without ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} exists and is not a directory")
-    if not out.is_dir():
-        return
-    present = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in present if n not in names]
-    if foreign:
-        raise OutputExistsError(f"--out {out} holds files that are not results of this command (e.g. {foreign[0]!r}); "
-                                "choose a new or empty directory")
-    if present and not overwrite:
-        raise OutputExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite to replace them")
-
-
-def write_atomic(out: Path, names: tuple[str, ...], overwrite: bool, write) -> None:
-    """Call ``write(staging_dir)``, then rename the staging directory to ``out`` (nothing partial is left)."""
-    from .cli import staged_output
-
-    with staged_output(out, lambda: check_out(out, names, overwrite)) as staging:  # nothing else appeared meanwhile
-        write(staging)
-
-
 def _reference_and_model(reference: str, model: str | None):
-    from . import io
-    from .model import SCHashFormer
 
     ref = Path(reference)
     if ref.is_dir():
@@ -123,7 +100,7 @@ def _reference_and_model(reference: str, model: str | None):
         if not h5ad.is_file():
             raise InputError(f"--reference {ref}: no result.h5ad there (expected the output directory of "
                              "'schashformer cluster', or a .h5ad file with --model)")
-        model_dir = Path(model) if model else ref / MODEL_DIR
+        model_dir = Path(model) if model else ref / app.MODEL_DIR
     else:
         h5ad = ref
         if model is None:
@@ -135,8 +112,6 @@ def _reference_and_model(reference: str, model: str | None):
 
 def run_annotate(args: argparse.Namespace, out: Path) -> dict:
     """``schashformer annotate``: label transfer, written as annotation.csv / .json, result.h5ad and plots."""
-    from . import io, pl
-    from .annotate import annotate
 
     reference, model = _reference_and_model(args.reference, args.model)
     query = io.read(args.query, format=args.format)
@@ -150,7 +125,6 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
     report = {"query": str(args.query), "reference": str(args.reference), "n_cells": int(query.n_obs),
               **{k: v for k, v in query.uns[key].items()}}
     if args.query_labels_key is not None:
-        from sklearn import metrics as skm
 
         y = query.obs[args.query_labels_key].astype(str).to_numpy()
         pred = query.obs[key].astype(str).to_numpy()
@@ -160,7 +134,7 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
     def write(staging: Path) -> None:
         table = query.obs[[key, f"{key}_confidence"]].rename(columns={key: "label", f"{key}_confidence": "confidence"})
         table.rename_axis("cell").to_csv(staging / "annotation.csv")
-        (staging / "annotation.json").write_text(json.dumps(_plain(report), indent=2))
+        (staging / "annotation.json").write_text(json.dumps(app.jsonable(report), indent=2))
         io.write_h5ad(query, staging / "result.h5ad")
         if not args.no_umap:
             pl.embedding(query, [key, f"{key}_confidence"] + ([args.query_labels_key] if args.query_labels_key else []),
@@ -168,15 +142,12 @@ def run_annotate(args: argparse.Namespace, out: Path) -> dict:
         if args.query_labels_key is not None:
             pl.confusion(query, args.query_labels_key, key, save=staging / "confusion.png")
 
-    write_atomic(out, ANNOTATE_FILES, args.overwrite, write)
+    app.write_atomic(out, ANNOTATE_FILES, args.overwrite, write)
     return report
 
 
 def run_evaluate(args: argparse.Namespace, out: Path) -> dict:
     """``schashformer evaluate``: per-label / per-cluster tables, a JSON summary and the confusion plot."""
-    from . import io, pl
-    from .metrics import clustering_scores, per_cluster_scores
-    from .rare import rare_populations
 
     adata = io.read(args.result, format="h5ad")
     labels = rare_populations(adata, args.labels_key, key=args.key, max_fraction=args.max_fraction,
@@ -192,40 +163,8 @@ def run_evaluate(args: argparse.Namespace, out: Path) -> dict:
     def write(staging: Path) -> None:
         labels.to_csv(staging / "per_label.csv")
         clusters.to_csv(staging / "per_cluster.csv")
-        (staging / "evaluation.json").write_text(json.dumps(_plain(report), indent=2))
+        (staging / "evaluation.json").write_text(json.dumps(app.jsonable(report), indent=2))
         pl.confusion(adata, args.labels_key, args.key, save=staging / "confusion.png")
 
-    write_atomic(out, EVALUATE_FILES, args.overwrite, write)
+    app.write_atomic(out, EVALUATE_FILES, args.overwrite, write)
     return report
-
-
-def write_cluster_plots(adata, model, staging: Path, labels_key: str | None, umap: bool = True) -> dict:
-    """The PNGs ``schashformer cluster`` writes next to its results; returns seconds per plot."""
-    import time
-
-    from . import pl
-
-    timings = {}
-    plots = [("bucket_sizes.png", lambda p: pl.bucket_sizes(model, save=p)),
-             ("training_curves.png", lambda p: pl.training_curves(model, save=p))]
-    if umap:
-        plots.insert(0, ("umap.png", lambda p: pl.umap_png(adata, p, labels_key=labels_key)))
-    if labels_key is not None:
-        plots.append(("confusion.png", lambda p: pl.confusion(adata, labels_key, save=p)))
-    for name, draw in plots:
-        start = time.perf_counter()
-        draw(staging / name)
-        timings[name.replace(".png", "_plot")] = {"seconds": round(time.perf_counter() - start, 3)}
-    return timings
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    return obj

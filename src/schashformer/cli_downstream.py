@@ -16,8 +16,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from . import app, io
 from .errors import InputError
+from .io import write_h5ad
+from .pl import embedding
+from .pl import trajectory as plot_trajectory
+from .tl import integrate, integration, trajectory
+from .trajectory import pseudotime_correlation
 
 INTEGRATION_FILES = ("integration.json", "integration.csv", "integration.png")
 TRAJECTORY_FILES = ("pseudotime.csv", "trajectory.json", "trajectory.png", "result.h5ad")
@@ -34,9 +41,7 @@ def add_parsers(sub) -> None:
     ig.add_argument("--key", default="schashformer",
                     help="embedding obsm['X_KEY'] and clusters obs['KEY'] (default: schashformer)")
     ig.add_argument("--out", required=True, help="output directory")
-    ig.add_argument("--no-plot", action="store_true", help="skip the UMAP coloured by batch and cell type")
-    ig.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    ig.add_argument("--quiet", action="store_true", help="no progress messages")
+    app.add_output_options(ig, plot_flag="--no-plot", plot_help="skip the UMAP coloured by batch and cell type")
 
     tr = sub.add_parser("trajectory", help="PAGA graph and diffusion pseudotime on the embedding, with a plot")
     tr.add_argument("result", help="result.h5ad written by 'schashformer cluster'")
@@ -60,7 +65,6 @@ def add_parsers(sub) -> None:
 
 
 def _read(path: str):
-    from . import io
 
     if not Path(path).exists():
         raise InputError(f"{path}: no such file")
@@ -69,11 +73,10 @@ def _read(path: str):
 
 def main(args: argparse.Namespace) -> int:
     """Run ``integration`` or ``trajectory``; errors propagate as :class:`SCHashFormerError` to ``cli.main``."""
-    from .cli_analysis import check_out
 
     out = Path(args.out)
     names = INTEGRATION_FILES if args.command == "integration" else TRAJECTORY_FILES
-    check_out(out, names, args.overwrite)  # fail before any work
+    app.check_out(out, names, args.overwrite)  # fail before any work
     if args.command == "integration":
         report = run_integration(args, out)
         for what, s in (("embedding", report["scores"]), ("batches aligned (tl.integrate)",
@@ -93,10 +96,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_integration(args: argparse.Namespace, out: Path) -> dict:
-    from .cli_analysis import write_atomic
-    from .tl import integration
 
-    from .tl import integrate
 
     adata = _read(args.result)
     scores = integration(adata, batch_key=args.batch_key, labels_key=args.labels_key, key=args.key, overwrite=True)
@@ -111,7 +111,6 @@ def run_integration(args: argparse.Namespace, out: Path) -> dict:
               "scores": scores, "scores_integrated": aligned}
 
     def write(staging: Path) -> None:
-        import pandas as pd
 
         (staging / "integration.json").write_text(json.dumps(report, indent=2))
         rows = [{"embedding": f"X_{args.key}", **scores}]
@@ -119,22 +118,16 @@ def run_integration(args: argparse.Namespace, out: Path) -> dict:
             rows.append({"embedding": f"X_{args.key}_integrated", **aligned})
         pd.DataFrame(rows).to_csv(staging / "integration.csv", index=False)
         if not args.no_plot:
-            from .pl import embedding
 
             basis = f"{args.key}_integrated" if aligned is not None else args.key
             embedding(adata, [args.batch_key, args.labels_key], basis=basis, save=staging / "integration.png",
                       show=False)
 
-    write_atomic(out, INTEGRATION_FILES, args.overwrite, write)
+    app.write_atomic(out, INTEGRATION_FILES, args.overwrite, write)
     return report
 
 
 def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
-    from .cli_analysis import write_atomic
-    from .io import write_h5ad
-    from .pl import trajectory as plot_trajectory
-    from .tl import trajectory
-    from .trajectory import pseudotime_correlation
 
     adata = _read(args.result)
     for key in [args.truth_key, *(args.color or [])]:
@@ -160,5 +153,5 @@ def run_trajectory(args: argparse.Namespace, out: Path) -> dict:
         plot_trajectory(adata, color=colours or None, save=staging / "trajectory.png", show=False)
         write_h5ad(adata, staging / "result.h5ad")
 
-    write_atomic(out, TRAJECTORY_FILES, args.overwrite, write)
+    app.write_atomic(out, TRAJECTORY_FILES, args.overwrite, write)
     return report

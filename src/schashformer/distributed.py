@@ -25,7 +25,7 @@ this module supplies what distribution changes, and nothing else:
 
 A one-rank group reproduces the one-process fit loss for loss (tests/test_distributed.py).
 Launch: ``schashformer cluster IN --out DIR --nproc N`` (one node) or
-``torchrun ... -m schashformer.distributed cluster IN ...`` (several nodes); see
+``torchrun ... -m schashformer.worker cluster IN ...`` (several nodes); see
 docs/DISTRIBUTED.md for the design, launch commands and measured figures.
 """
 
@@ -43,19 +43,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from . import buckets, engine, errors
+from . import app, buckets, engine, errors, io, tl
 from .data import CellData
 from .engine import Comm, LocalChunks
 from .errors import InputError, ParameterError, SCHashFormerError
 from .model import SCHashFormer
 from .preprocess import prepare
 from .resources import peak_rss_gib
+from .streaming import CountSource, data_checksum
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +265,12 @@ def read_shard(ctx: Context, path: str | Path, *, format: str | None = None, lab
     ``layer``; a ``.h5ad`` with ``layer`` gives a shard holding that layer only) and X/Y ``.h5``
     through h5py, so only the shard's rows are read; other formats are read whole and sliced.
     """
-    from . import io
 
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     fmt = io.check_format(format) if format is not None else io.guess_format(path)
     if fmt == "h5ad":  # the out-of-core reader of the streaming path: CSR row slices, the rest stays on disk
-        from .streaming import CountSource
 
         source = CountSource.from_h5ad(path, layer=layer)
         try:
@@ -286,7 +286,6 @@ def read_shard(ctx: Context, path: str | Path, *, format: str | None = None, lab
                                                                                     layers={layer: rows})
         return shard, n, lo
     if fmt == "xy_h5":
-        import h5py
 
         with h5py.File(path, "r") as f:
             if "X" not in f or f["X"].ndim != 2:
@@ -541,14 +540,13 @@ def _batches(ctx: Context, shard: ad.AnnData, batch_key: str | None, cell_mask: 
 
 # ----------------------------------------------------------------------------- command line
 def run(args) -> int:
-    """One rank of ``schashformer cluster ... --nproc N`` (args from :func:`schashformer.cli.build_parser`)."""
-    from . import cli
+    """One rank of ``schashformer cluster ... --nproc N`` (args parsed by :func:`schashformer.cli.build_parser`)."""
 
     ctx = init(args.device)
     try:
         out = Path(args.out)
         if ctx.rank == 0:
-            agree(ctx, cli.check_out_dir, out, args.overwrite, args.resume)
+            agree(ctx, app.check_out_dir, out, args.overwrite, args.resume)
         else:
             agree(ctx, lambda: None)
         start = time.perf_counter()
@@ -559,10 +557,10 @@ def run(args) -> int:
         if ctx.rank == 0:
             print(f"read {args.input}: {n_total} cells x {shard.n_vars} genes, {ctx.world} shards "
                   f"({ctx.backend}, {ctx.device.type})")
-        params = cli.estimator_params(args)
+        params = app.estimator_params(args)
         model = SCHashFormer.from_params({**params, "keep_checkpoint": True})
         model = fit(ctx, shard, model, batch_key=args.batch_key, layer=args.layer,
-                    checkpoint_dir=out / cli.CHECKPOINT_DIR, resume=args.resume)
+                    checkpoint_dir=out / app.CHECKPOINT_DIR, resume=args.resume)
         read_seconds = time.perf_counter() - start - sum(v["seconds"] for v in
                                                           (model.timings_.values() if model else []))
         failure = None
@@ -572,14 +570,14 @@ def run(args) -> int:
                     report = _write_h5ad_result(args, out, model, params, start)
                 else:
                     report = _write_in_memory_result(args, out, model, params, read_seconds)
-                cli.print_report(report, out)
+                app.print_report(report, out)
             except SCHashFormerError as exc:
                 failure = exc
         agree(ctx, _raise, failure)
         return 0
     except SCHashFormerError as exc:
         if ctx.rank == 0:
-            _report_error(exc)
+            report_error(exc)
         # under our launcher the error file carries the failure: exit 0 so torchrun adds no trace of its own
         return 0 if os.environ.get(ERROR_FILE_ENV) else 2
     finally:
@@ -601,16 +599,14 @@ def _labelled_bucket_stats(model, labels) -> None:
 def _write_h5ad_result(args, out: Path, model, params: dict, start: float) -> dict:
     """Rank 0's one result for a ``.h5ad`` input, as the out-of-core ``cluster`` writes it: the input
     file copied with the results added (the matrix is never loaded), clusters.csv, metrics.json."""
-    from . import cli, cli_scale, tl
-    from .streaming import CountSource, data_checksum
 
-    cli.check_out_dir(out, args.overwrite)
+    app.check_out_dir(out, args.overwrite)
     source = CountSource.from_h5ad(args.input, args.layer)
     try:
         t0 = time.perf_counter()
         checksum = data_checksum(source)  # chunk by chunk, the same value as record.data_checksum in memory
         timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - t0, 3)}}
-        result = cli_scale.results_only(source)
+        result = app.results_only(source)
         if args.labels_key is not None and args.labels_key not in result.obs:
             raise InputError(f"labels_key {args.labels_key!r} is not a column of adata.obs "
                              f"(columns: {list(result.obs.columns)})")
@@ -624,21 +620,20 @@ def _write_h5ad_result(args, out: Path, model, params: dict, start: float) -> di
                   "n_clusters": int(model.n_clusters), "seed": args.seed, "world_size": int(model.world_size_),
                   "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
                   "data_checksum": checksum}
-        cli_scale.write_outputs(args, out, source, result, model, report, start)
+        app.write_outputs(args, out, source, result, model, report, start)
     finally:
         source.close()
     return report
 
 
 def _write_in_memory_result(args, out: Path, model, params: dict, read_seconds: float) -> dict:
-    """Rank 0's one result for the other formats: the input read whole, results written by ``cli.run_cluster``."""
-    from . import cli, io
+    """Rank 0's one result for the other formats: the input read whole, results written by ``app.run_cluster``."""
 
     adata = io.read(args.input, format=args.format, labels_key=args.labels_key, transpose=args.transpose)
     if args.labels_key is not None and args.labels_key in adata.obs:
         _labelled_bucket_stats(model, adata.obs[args.labels_key])
-    report = cli.run_cluster(
-        adata, out=out, params=cli.estimator_params(args), labels_key=args.labels_key, batch_key=args.batch_key,
+    report = app.run_cluster(
+        adata, out=out, params=app.estimator_params(args), labels_key=args.labels_key, batch_key=args.batch_key,
         layer=args.layer, overwrite=args.overwrite, umap=not args.no_umap, input_name=str(args.input),
         read_seconds=max(read_seconds, 0.0), model=model,
         source={"path": args.input, "format": args.format, "transpose": args.transpose})
@@ -651,7 +646,7 @@ def _raise(exc):
         raise exc
 
 
-def _report_error(exc: SCHashFormerError) -> None:
+def report_error(exc: SCHashFormerError) -> None:
     where = os.environ.get(ERROR_FILE_ENV)
     if where:  # the launcher prints it, after torchrun has finished
         Path(where).write_text(str(exc))
@@ -670,7 +665,7 @@ def launch(argv: list[str], nproc: int) -> int:
         env = {**os.environ, ERROR_FILE_ENV: str(error_file), "OMP_NUM_THREADS": os.environ.get(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "schashformer.distributed", *argv]
+               "-m", "schashformer.worker", *argv]
         code = subprocess.run(cmd, env=env).returncode
         if error_file.exists():
             print(f"schashformer: error: {error_file.read_text()}", file=sys.stderr)
@@ -692,24 +687,3 @@ def strip_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry of ``torchrun -m schashformer.distributed cluster INPUT --n-clusters K --out DIR ...``."""
-    from .cli import build_parser
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet or int(os.environ.get("RANK", 0)) else logging.INFO,
-                        format="%(message)s")
-    if args.command != "cluster":
-        print("schashformer: error: only 'cluster' runs distributed", file=sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except SCHashFormerError as exc:  # raised before the group existed (not launched by torchrun ...)
-        _report_error(exc)
-        return 0 if os.environ.get(ERROR_FILE_ENV) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

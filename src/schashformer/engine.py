@@ -36,7 +36,14 @@ from . import n_clusters as n_clusters_mod
 from .checkpoint import PHASES, Checkpointer
 from .data import CellData
 from .errors import TrainingError
-from .nn import ClusterHead, HashingLoss, LSHIndexer, NeighbourhoodEncoder, NeighbourhoodLoss, ZINBDecoder
+from .nn import (
+    ClusterHead,
+    HashingLoss,
+    LSHIndexer,
+    NeighbourhoodEncoder,
+    NeighbourhoodLoss,
+    ZINBDecoder,
+)
 from .nn.cluster_head import target_distribution
 from .preprocess import Prepared, principal_axes
 from .train import TrainConfig

@@ -18,10 +18,14 @@ needs a kNN search or silhouettes on the cells given: for very large data, score
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 import pandas as pd
 from scipy import stats
-from sklearn.metrics import silhouette_samples, silhouette_score
+from sklearn.metrics import (
+    adjusted_rand_score,
+    normalized_mutual_info_score,
+    silhouette_samples,
+    silhouette_score,
+)
 from sklearn.neighbors import NearestNeighbors
 
 from .errors import InputError, ParameterError

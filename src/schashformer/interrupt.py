@@ -15,6 +15,8 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143, as a shell reports them
 
 # checkpoint phases (schashformer.checkpoint.PHASES) in words
@@ -57,7 +59,6 @@ def checkpoint_position(checkpoint_dir: Path) -> tuple[str, int] | None:
     if not path.is_file():
         return None
     try:
-        import torch
 
         state = torch.load(path, map_location="cpu", weights_only=True)
         return str(state["phase"]), int(state["step"])

@@ -40,6 +40,7 @@ replace an existing file unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import warnings
@@ -214,7 +215,6 @@ class _CountingReader:
 
 
 def _estimate_table(path: Path, sep: bytes) -> int:
-    import gzip
 
     size = path.stat().st_size
     with open(path, "rb") as raw:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import typing
 import time
+import typing
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,14 +24,20 @@ from sklearn.base import BaseEstimator
 
 from . import buckets, engine, record, resources, streaming
 from . import n_clusters as n_clusters_mod
+from .checkpoint import Checkpointer, fingerprint_arrays
 from .data import CellData
 from .errors import InputError, OutputExistsError, ParameterError
 from .nn import ClusterHead, LSHIndexer
-from .checkpoint import Checkpointer, fingerprint_arrays
-from .preprocess import DEFAULT_N_TOP_GENES, GeneStats, Prepared, expand_to_cells, prepare
+from .preprocess import (
+    DEFAULT_N_TOP_GENES,
+    GeneStats,
+    Prepared,
+    expand_to_cells,
+    prepare,
+)
 from .train import TrainConfig
-from .version import __version__
 from .validate import check_adata, check_params, one_line, resolve, warn_narrow
+from .version import __version__
 
 log = logging.getLogger(__name__)
 _MODEL_FILE = "model.pt"

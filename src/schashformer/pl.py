@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, ParameterError
+from .metrics import encode_labels, hungarian_matching
 
 MAX_UMAP_CELLS = 100_000  # UMAP is for looking at, not analysis: subsample beyond this
 
@@ -29,7 +31,6 @@ def _pyplot():
 
 
 def _has_display() -> bool:
-    import os
 
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
@@ -159,7 +160,6 @@ def confusion(adata: ad.AnnData, labels_key: str, key: str = "schashformer", *, 
     label or a cluster are left out. ``ax``: a matplotlib Axes to draw into; ``save``: PNG path;
     ``show``: call ``plt.show()``. Returns the matplotlib Figure.
     """
-    from .metrics import hungarian_matching, encode_labels
 
     _obs_key(adata, labels_key, "labels_key")
     _obs_key(adata, key, "key")

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from .errors import InputError
+from .version import __version__
 
 _CHUNK = 1 << 22  # elements hashed per update (16-32 MiB)
 # the data arguments of tl.cluster stored in the record's params next to the estimator's parameters
@@ -75,7 +77,6 @@ def combine_checksum(shape, indptr, indices, data) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of Python and of the libraries that decide the numbers."""
-    from . import __version__
 
     def version(name: str) -> str:
         try:
@@ -83,7 +84,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    import torch
 
     libs = {name: version(name) for name in ("numpy", "scipy", "scanpy", "anndata", "scikit-learn")}
     return {"schashformer": __version__, "python": platform.python_version(), "torch": str(torch.__version__),

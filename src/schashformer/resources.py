@@ -11,9 +11,8 @@ run that fits is never refused; a refused run would certainly not have fitted.
 
 from __future__ import annotations
 
-import resource
-
 import logging
+import resource
 from pathlib import Path
 
 import numpy as np

@@ -45,8 +45,17 @@ from tqdm.auto import tqdm
 from . import buckets, engine, record, resources
 from .errors import InputError, ParameterError
 from .io import safe_frame, safe_uns
-from .preprocess import (CLIP, TARGET_SUM, GeneStats, GeneSums, expand_to_cells, gene_stats, log_normalise,
-                         select_genes, validate_counts)
+from .preprocess import (
+    CLIP,
+    TARGET_SUM,
+    GeneStats,
+    GeneSums,
+    expand_to_cells,
+    gene_stats,
+    log_normalise,
+    select_genes,
+    validate_counts,
+)
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 32768  # rows read and prepared at once: ~ 32768 x (nnz per row) x 8 bytes of CSR

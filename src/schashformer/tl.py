@@ -9,15 +9,23 @@ from datetime import datetime, timezone
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from . import __version__, record
+from . import buckets, record
+from .annotate import annotate  # noqa: E402,F401  (label transfer; lives in its own module)
 from .errors import InputError, ParameterError
+from .integration import (
+    integrate,  # noqa: E402,F401  (batch alignment within clusters)
+    integration,  # noqa: E402,F401  (batch mixing / biology scores)
+)
+from .metrics import clustering_scores
 from .model import SCHashFormer
 from .preprocess import count_matrix, resolve_counts
-from .validate import check_adata, resolve
-
-from .annotate import annotate  # noqa: E402,F401  (label transfer; lives in its own module)
 from .rare import rare_populations  # noqa: E402,F401  (per-label / per-cluster scores)
+from .streaming import CountSource, data_checksum
+from .trajectory import trajectory  # noqa: E402,F401  (PAGA + diffusion pseudotime on the embedding)
+from .validate import check_adata, resolve
+from .version import __version__
 
 
 def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, labels_key: str | None = None,
@@ -80,7 +88,6 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, labels_key: str
     model.fit(source, batch_key=batch_key, labels_key=labels_key, layer=layer, resume=resume)
     start = time.perf_counter()
     if getattr(model, "out_of_core_", False):  # the matrix may be on disk (backed): checksum chunk by chunk
-        from .streaming import CountSource, data_checksum
 
         checksum = data_checksum(CountSource.from_anndata(source, layer), getattr(model, "stream_scan_", None))
     else:
@@ -94,7 +101,7 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, labels_key: str
                        chunk_size=model.config.chunk_size, n_neighbors=n_neighbors, key_added=neighbors_key)
         adata.uns[key_added]["params"]["neighbors_key"] = neighbors_key
         adata.uns[key_added]["timings"]["neighbors"] = {"seconds": round(time.perf_counter() - start, 3)}
-    if progress:
+    if model.progress:
         print(f"scHashFormer: {adata.n_obs} cells clustered on {resolve(model.device)}", file=sys.stderr)
     out = adata if copy else None
     return (out, model) if return_model else out
@@ -135,13 +142,10 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
     if model.n_clusters is None:  # K was estimated (params["n_clusters"] is "", so a rerun estimates again)
         run["n_clusters_estimated"] = int(model.n_clusters_)
     if labels_key is not None:
-        from .metrics import clustering_scores
 
         run["metrics"] = clustering_scores(adata.obs[labels_key].to_numpy(), labels.to_numpy())
     adata.uns[key_added] = run
-from .integration import integration  # noqa: E402,F401  (batch mixing / biology scores)
-from .trajectory import trajectory  # noqa: E402,F401  (PAGA + diffusion pseudotime on the embedding)
-from .integration import integrate  # noqa: E402,F401  (batch alignment within clusters)
+
 
 
 class PrecomputedNeighbors:
@@ -217,9 +221,7 @@ def hash_neighbors(adata: ad.AnnData, *, use_rep: str = "X_schashformer", codes_
     The AnnData if ``copy``, else None.
     """
     import scanpy as sc
-    import scipy.sparse as sp
 
-    from . import buckets
 
     for key, where in ((use_rep, "obsm"), (codes_key, "obsm")):
         if key not in getattr(adata, where):

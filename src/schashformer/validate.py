@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, ParameterError
-from .train import resolve_device
+from .train import TrainConfig, resolve_device
 
 
 def is_int(value) -> bool:
@@ -169,7 +170,6 @@ def warn_narrow(config: TrainConfig, n_genes: int, n_cells: int) -> None:
     ``token_pcs`` / ``input_pcs`` are capped at min(genes, cells), so the stage-2 tokens, and with
     ``token_residual`` the embedding, come out narrower than hash_latent + token_pcs.
     """
-    import warnings
 
     limit = min(n_genes, n_cells)
     for name in ("token_pcs", "input_pcs"):

@@ -11,8 +11,8 @@ import warnings
 
 import anndata as ad
 import numpy as np
-from sklearn.cluster import KMeans
 import scipy.sparse as sp
+from sklearn.cluster import KMeans
 
 from ..errors import InputError, ParameterError
 
