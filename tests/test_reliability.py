@@ -199,10 +199,10 @@ def test_v73_mode_555_out_is_refused_for_a_normal_user(tmp_path, capsys, no_trai
 
 # ----------------------------------------------------------------------------- 4, 5: seeds and other values
 def test_v74_seed_beyond_2_32_is_refused(tmp_path, capsys, no_training):
-    SCHashFormer(3, seed=2**32 - 1)
-    for seed in (2**32, 2**64):
+    SCHashFormer(3, seed=2**32 - 1).check_params()
+    for seed in (2**32, 2**64):  # the estimator checks its parameters in check_params (fit, the CLI before reading)
         with pytest.raises(ParameterError, match=rf"seed must be an integer <= 4294967295 .*got {seed}$"):
-            SCHashFormer(3, seed=seed)
+            SCHashFormer(3, seed=seed).check_params()
     small().write_h5ad(tmp_path / "in.h5ad")
     for seed in ("4294967296", "18446744073709551616"):
         code, err = run(cluster_argv(tmp_path / "in.h5ad", tmp_path / "out", "--seed", seed), capsys)
@@ -227,9 +227,9 @@ def test_v75_v76_v77_bad_values_are_one_line_errors(extra, pattern, tmp_path, ca
 
 def test_v75_v76_v77_api_refuses_the_same_values():
     with pytest.raises(ParameterError, match="lr must be a finite number"):
-        SCHashFormer(3, lr=float("nan"))
+        SCHashFormer(3, lr=float("nan")).check_params()
     with pytest.raises(ParameterError, match="input_noise must be >= 0"):
-        SCHashFormer(3, input_noise=-1.0)
+        SCHashFormer(3, input_noise=-1.0).check_params()
     with pytest.raises(ParameterError, match="device='meta' is not supported"):
         SCHashFormer(3, device="meta", progress=False, **TINY).fit(small())
 
