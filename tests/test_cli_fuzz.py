@@ -96,7 +96,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.slow  # about 2-3 minutes on two busy cores (300 cases, a few dozen of them train)
+# 300 cases, about 36 of them train: 42-44 s on two shared cores with one torch thread (fast lane)
 def test_cli_fuzz_exits_0_or_2_without_traceback(inputs, tmp_path, capsys, monkeypatch, one_thread):
     from schashformer import cli_analysis
 

@@ -209,6 +209,8 @@ class SCHashFormer(BaseEstimator):
         known_k = self.n_clusters is not None
         if known_k and self.n_clusters > adata.n_obs:
             raise ParameterError(f"n_clusters={self.n_clusters} is larger than the number of cells ({adata.n_obs})")
+        if not known_k:  # a resolution too high for this many cells would collapse K to 2 after training
+            n_clusters_mod.check_resolution_for(self.resolution, adata.n_obs, self.config.graph_neighbors)
         if resume and self.checkpoint_dir is None:
             raise ParameterError("resume=True needs checkpoint_dir= (where the checkpoint to resume is)")
         # stats given = training on the subsample of a larger input (streaming.fit_out_of_core)
