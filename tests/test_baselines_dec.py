@@ -98,7 +98,7 @@ def test_stage1_loss_weights(w_zinb, w_contrastive):
 def test_ablation_flags_default_and_validated():
     cfg = TrainConfig()
     assert cfg.attention is True and cfg.w_zinb == 1.0
-    with pytest.raises(ParameterError, match="w_zinb"):
-        SCHashFormer(3, w_zinb=-1.0)
+    with pytest.raises(ParameterError, match="w_zinb"):  # checked when fit starts (the constructor only stores)
+        SCHashFormer(3, w_zinb=-1.0).check_params()
     with pytest.raises(ParameterError, match="attention"):
-        SCHashFormer(3, attention="no")
+        SCHashFormer(3, attention="no").check_params()

@@ -37,7 +37,7 @@ from .errors import (
     ParameterError,
     SCHashFormerError,
 )
-from .io import estimate_read_bytes, write_h5ad
+from .io import estimate_read_bytes
 from .model import SCHashFormer
 from .pl import umap_png
 from .preprocess import count_matrix
@@ -227,7 +227,7 @@ def run_cluster(adata, *, out: Path, params: dict, labels_key=None, batch_key=No
         report["timings"].update(write_cluster_plots(adata, model, staging, labels_key, umap=umap))
         model.save(staging / MODEL_DIR)  # `schashformer annotate --reference OUT` maps new cells with it
         adata.obs[["schashformer"]].rename_axis("cell").to_csv(staging / "clusters.csv")
-        write_h5ad(adata, staging / "result.h5ad")
+        io.write_h5ad(adata, staging / "result.h5ad")
         (staging / "metrics.json").write_text(json.dumps(jsonable(report), indent=2))
     return report
 
