@@ -30,7 +30,7 @@ def test_bucket_stats_reported(fitted):
     assert len(model.bucket_stats_) == model.config.hash_heads
     for s in model.bucket_stats_:
         assert 1 <= s["n_buckets"] <= 400 and 0 <= s["purity"] <= 1 and s["size_max"] >= s["size_median"]
-    assert set(model.timings_) == {"preprocess", "stage1_hashing", "stage2_encoder", "stage2_clustering"}
+    assert set(model.timings_) == {"preprocess", "stage1_hashing", "stage2_encoder", "stage2_clustering", "inference"}
 
 
 def test_attention_never_grows_with_cells():

@@ -316,7 +316,8 @@ CASES = {
     "V50": (lambda t, m, f: model_file(t, {"weights": torch.ones(2)}), InputError,
             r"model\.pt: not a scHashFormer model this version can load \(KeyError: 'init'\)"),
     "V51": (lambda t, m, f: cluster_twice(), ParameterError,
-            r"obs\['schashformer'\], obsm\['X_schashformer'\], uns\['schashformer'\] already hold results"),
+            r"obs\['schashformer'\], obsm\['X_schashformer'\], uns\['schashformer'\](, uns\['schashformer_neighbors'\])? "
+            r"already hold results"),
     "V52": (lambda t, m, f: out_with(t, ["result.h5ad", "metrics.json"]), OutputExistsError,
             r"already holds results \(metrics\.json, result\.h5ad\); pass --overwrite"),
     "V53": (lambda t, m, f: out_with(t, ["notes.txt"]), OutputExistsError,
@@ -447,7 +448,7 @@ def test_results_are_staged_then_renamed(tmp_path, monkeypatch, existing):
     if existing:
         (tmp_path / "out").mkdir()  # an empty --out is filled like a new one
     seen = {}
-    publish = cli._publish
+    publish = app._publish
 
     def spy(staging, out):
         seen["out_before"] = sorted(p.name for p in out.iterdir())  # only the checkpoint of this run

@@ -56,8 +56,8 @@ class SCHashFormer(BaseEstimator):
 
     A scikit-learn estimator: the constructor only stores its arguments (``get_params``,
     ``set_params`` and ``sklearn.base.clone`` work); :meth:`check_params` checks them and
-    ``fit`` calls it first. The training parameters are the fields of
-    :class:`schashformer.train.TrainConfig`, with its defaults; :attr:`config` builds it.
+    ``fit`` calls it first. The training parameters are the fields of the training configuration
+    (``schashformer.train.TrainConfig``), with its defaults; :attr:`config` builds it.
 
     Parameters
     ----------
@@ -80,27 +80,28 @@ class SCHashFormer(BaseEstimator):
     keep_checkpoint : keep the final checkpoint after a successful ``fit`` (by default it is deleted;
         the command line keeps it until the result files are written).
 
-    Stage 1 (the hasher; each field of TrainConfig, documented there):
-    input_pcs (>0: fixed projection on this many principal axes before the encoder), hash_heads,
-    hash_bits (None: log2(cells / 16) clipped to [4, 16]), hidden, hash_latent, stage1_steps,
-    stage1_batch, tau (contrastive temperature), mask_rate, input_noise (view noise in units of the
-    mean |standardised input|), w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance,
-    w_quantisation.
+    Other Parameters
+    ----------------
+    input_pcs, hash_heads, hash_bits, hidden, hash_latent, stage1_steps, stage1_batch, tau, mask_rate, \
+input_noise, w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance, w_quantisation
+        Stage 1, the hasher (each a field of ``TrainConfig``, documented there): ``input_pcs`` > 0
+        projects on this many principal axes before the encoder; ``hash_bits`` None is
+        log2(cells / 16) clipped to [4, 16]; ``tau`` is the contrastive temperature;
+        ``input_noise`` the view noise in units of the mean absolute standardised input.
+    chunk_size, chunks_per_batch, d_model, attn_heads, layers, latent, token_pcs, token_residual, \
+attention, stage2_pretrain_steps, stage2_cluster_steps, update_interval, tol, w_consistency, w_kl, \
+w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, infer_batch
+        Stage 2, the neighbourhood Transformer and clustering head: ``latent`` is the width of z
+        without ``token_residual``; ``update_interval`` the steps between target refreshes;
+        ``tol`` stops when fewer labels change; ``w_kl`` weighs the KL clustering loss and
+        ``w_zinb_stage2`` the stage-2 ZINB loss; ``init`` is 'kmeans' or 'leiden'.
+    train_cells, stage1_steps_subsample
+        Large inputs (more cells, or a backed AnnData) train on a subsample of ``train_cells``
+        cells and embed all in streaming passes; ``stage1_steps_subsample`` caps the stage-1
+        steps then (None: no cap).
 
-    Stage 2 (neighbourhood Transformer and clustering head):
-    chunk_size, chunks_per_batch, d_model, attn_heads, layers, latent (width of z without
-    token_residual), token_pcs, token_residual, attention, stage2_pretrain_steps,
-    stage2_cluster_steps, update_interval (steps between target refreshes), tol (stop when fewer
-    labels change), w_consistency, w_kl (weight of the KL clustering loss), w_zinb_stage2 (weight
-    of the stage-2 ZINB loss), dropout, lr, weight_decay, grad_clip, kmeans_n_init, init ('kmeans'
-    or 'leiden'), graph_neighbors, infer_batch.
-
-    Large inputs: train_cells (more cells, or backed AnnData, train on a subsample of this many
-    and embed all in streaming passes), stage1_steps_subsample (cap on stage-1 steps then; None:
-    no cap).
-
-    Attributes after ``fit``
-    ------------------------
+    Attributes
+    ----------
     labels_ : (cells,) cluster of each input cell (-1 for cells with zero counts).
     n_clusters_ : the number of clusters used: ``n_clusters``, or the estimate when it was None.
     embedding_ : (cells, latent) embedding z (zeros for cells with zero counts).

@@ -117,9 +117,11 @@ def rerun_args(record: dict) -> tuple[dict, dict]:
     """(estimator parameters, data arguments :data:`FIT_ARGS`) that repeat the recorded run.
 
     The parameters are every recorded one but the device (``device``, ``device_used``: the caller
-    chooses), with None restored and old names renamed; a parameter the record lacks (one added
-    since) takes its default.
+    chooses) and where the neighbour graph was written (``neighbors_key``: no part of the result),
+    with None restored and old names renamed; a parameter the record lacks (one added since)
+    takes its default.
     """
-    params = rename_legacy({k: plain(v) for k, v in record["params"].items() if k not in ("device", "device_used")})
+    params = rename_legacy({k: plain(v) for k, v in record["params"].items()
+                            if k not in ("device", "device_used", "neighbors_key")})
     fit_args = {k: params.pop(k, None) for k in FIT_ARGS}
     return params, fit_args
