@@ -40,6 +40,7 @@ def pbmc():
     return read_labeled_h5(path)
 
 
+@pytest.mark.slow  # the slowest fast-lane test (fast lane under 5 minutes)
 def test_both_baselines_recover_simulated_blobs():
     adata, types = poisson_blobs()
     before = adata.X.copy()

@@ -116,6 +116,7 @@ def test_memory_guard_refuses_before_reading(big_sim, monkeypatch):
         fit_out_of_core(model, CountSource.from_anndata(big_sim))
 
 
+@pytest.mark.slow  # a whole command-line run (fast lane under 5 minutes)
 def test_cli_streams_h5ad_and_simulates(tmp_path):
     from schashformer import cli
 
