@@ -27,9 +27,12 @@ from schashformer import worker
 from schashformer.preprocess import GeneSums, log_normalise, prepare, select_genes
 from tests.conftest import FAST, simulate_counts
 
-# Short training at the default architecture: the point is agreement between 1 and 2 processes.
+# Short training at the default architecture: the point is agreement between 1 and 2 processes. Without
+# dropout the ranks draw exactly the one-process batches, masks and noise, so only the order of floating-point
+# sums differs; with dropout each rank draws its own masks and short runs drift apart (ARI 0.61-0.85 between
+# 1 and 2 processes over seeds 0-2 here, 0.74-0.995 with the DDP trainer before: docs/DISTRIBUTED.md).
 PARAMS = dict(stage1_steps=40, stage1_batch=256, stage2_pretrain_steps=20, stage2_cluster_steps=30,
-              update_interval=15, kmeans_n_init=4)
+              update_interval=15, kmeans_n_init=4, dropout=0.0)
 N_TOP = 500  # fewer genes than the file has: the distributed run must select the same genes
 
 
@@ -68,7 +71,7 @@ def test_two_gloo_processes_agree_with_one(pbmc_subset, tmp_path):
     # same genes from all-reduced statistics, and labels that agree with one process
     assert list(two.uns["schashformer"]["genes"]) == list(one.uns["schashformer"]["genes"])
     ari = adjusted_rand_score(one.obs["schashformer"], two.obs["schashformer"])
-    assert ari >= 0.95, f"ARI between the 1- and 2-process labels is {ari:.3f}"
+    assert ari >= 0.99, f"ARI between the 1- and 2-process labels is {ari:.3f}"
     clusters = pd.read_csv(out / "clusters.csv")
     assert len(clusters) == 1500 and clusters["schashformer"].nunique() <= 8
     metrics = json.loads((out / "metrics.json").read_text())

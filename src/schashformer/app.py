@@ -189,7 +189,7 @@ def run_cluster(adata, *, out: Path, params: dict, labels_key=None, batch_key=No
     recorded run's labels) the report says whether the new labels are identical.
     """
 
-    check_out_dir(out, overwrite, resume)
+    check_out_dir(out, overwrite, resume or model is not None)  # a given model: the checkpoint there is its own
     taken = [f"{where}['{key}']" for where, key in (("obs", "schashformer"), ("obsm", "X_schashformer"),
                                                      ("uns", "schashformer")) if key in getattr(adata, where)]
     if taken and model is None:  # e.g. a result.h5ad clustered again: the input file itself is never changed
@@ -463,7 +463,7 @@ def _write_h5ad_result(args, out: Path, model, start: float) -> dict:
     """Rank 0's one result for a ``.h5ad`` input, as the out-of-core ``cluster`` writes it: the input
     file copied with the results added (the matrix is never loaded), clusters.csv, metrics.json."""
 
-    check_out_dir(out, args.overwrite)
+    check_out_dir(out, args.overwrite, resume=True)  # the checkpoint there is this run's own
     source = CountSource.from_h5ad(args.input, args.layer)
     try:
         t0 = time.perf_counter()
