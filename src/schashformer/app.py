@@ -349,19 +349,28 @@ def run_cluster_out_of_core(args, out: Path, params: dict) -> dict:
         t0 = time.perf_counter()
         checksum = data_checksum(source, model.stream_scan_)
         timings = {**model.timings_, "checksum": {"seconds": round(time.perf_counter() - t0, 3)}}
-        result = results_only(source)
-        tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
-                         checksum=checksum, timings=timings)
-        record = result.uns["schashformer"]
-        record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
-        record["out_of_core"] = {"train_cells": int(len(model.train_rows_))}
-        report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
-                  "n_clusters": int(model.n_clusters_), "seed": model.seed, "out_of_core": True,
-                  "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
-                  "data_checksum": checksum}
-        write_outputs(args, out, source, result, model, report, start)
+        report = _write_streamed(args, out, source, results_only(source), model, checksum, timings, start,
+                                 "out_of_core", {"train_cells": int(len(model.train_rows_))}, {"out_of_core": True})
     finally:
         source.close()
+    return report
+
+
+def _write_streamed(args, out: Path, source, result, model, checksum: str, timings: dict, start: float,
+                    how: str, how_record: dict, how_report: dict) -> dict:
+    """Results of a fit on a ``.h5ad`` whose matrix stays on disk (out of core, or several processes):
+    the run record in ``result`` (with the input and ``how`` the fit ran) and the report, written
+    with :func:`write_outputs`; returns the report."""
+    tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
+                     checksum=checksum, timings=timings)
+    record = result.uns["schashformer"]
+    record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
+    record[how] = how_record
+    report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
+              "n_clusters": int(model.n_clusters_), "seed": model.seed, **how_report,
+              "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
+              "data_checksum": checksum}
+    write_outputs(args, out, source, result, model, report, start)
     return report
 
 
@@ -474,16 +483,9 @@ def _write_h5ad_result(args, out: Path, model, start: float) -> dict:
             raise InputError(f"labels_key {args.labels_key!r} is not a column of adata.obs "
                              f"(columns: {list(result.obs.columns)})")
         labelled_bucket_stats(model, None if args.labels_key is None else result.obs[args.labels_key])
-        tl.write_results(result, model, labels_key=args.labels_key, batch_key=args.batch_key, layer=args.layer,
-                         checksum=checksum, timings=timings)
-        record = result.uns["schashformer"]
-        record["input"] = {"path": str(Path(args.input).resolve()), "format": "h5ad", "transpose": False}
-        record["distributed"] = {"world_size": int(model.world_size_)}
-        report = {"input": str(args.input), "n_cells": source.n_obs, "n_genes_input": source.n_vars,
-                  "n_clusters": int(model.n_clusters), "seed": args.seed, "world_size": int(model.world_size_),
-                  "metrics": record.get("metrics", {}), "timings": timings, "bucket_stats": model.bucket_stats_,
-                  "data_checksum": checksum}
-        write_outputs(args, out, source, result, model, report, start)
+        world = int(model.world_size_)
+        report = _write_streamed(args, out, source, result, model, checksum, timings, start, "distributed",
+                                 {"world_size": world}, {"world_size": world})
     finally:
         source.close()
     return report
