@@ -182,6 +182,16 @@ class ChunkCursor:
 
 # ----------------------------------------------------------------------------- the loop
 STOP = object()  # returned by a step function: the phase has converged
+# Device types whose training forward passes run in bfloat16 autocast when cfg.mixed_precision is on.
+# Not the CPU: without bf16 units (most CPUs) autocast there is slower than float32.
+AUTOCAST_DEVICES = ("cuda",)
+
+
+def training_precision(device: torch.device, cfg: TrainConfig):
+    """Context of one training forward pass: bfloat16 autocast on an :data:`AUTOCAST_DEVICES` device with
+    bf16 support when ``cfg.mixed_precision``, else nothing (float32). Inference stays float32."""
+    usable = device.type in AUTOCAST_DEVICES and (device.type != "cuda" or torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision and usable else nullcontext()
 
 
 @dataclass
@@ -216,7 +226,10 @@ def run_phase(phase: Phase, history: list[dict], cfg: TrainConfig, *, comm: Comm
     step with its weights, optimiser, batch position and random generators, so the result
     equals an uninterrupted run.
     """
-    opt = torch.optim.AdamW(phase.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for every parameter's update, ~7x faster than the per-tensor loop on CPU (10 ms a
+    # step at the default widths, a tenth of a small data set's step)
+    opt = torch.optim.AdamW(phase.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    device = phase.params[0].device if phase.params else torch.device("cpu")
     start = 0
     if resume is not None:
         checkpoint.load_modules(resume)
@@ -228,7 +241,8 @@ def run_phase(phase: Phase, history: list[dict], cfg: TrainConfig, *, comm: Comm
     bar = tqdm(range(start, phase.n_steps), desc=phase.desc if comm.world == 1 else f"{phase.desc} ({comm.world} ranks)",
                disable=not progress, leave=False, initial=start, total=phase.n_steps)
     for step in bar:
-        out = phase.step(step, bar)
+        with training_precision(device, cfg):
+            out = phase.step(step, bar)
         if out is STOP:
             break
         if out is not None:
@@ -627,6 +641,7 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
     device = data.device
     home = np.concatenate([[0], np.cumsum(comm.allgather(np.array([data.n_cells])))]).astype(np.int64)
     n_total = int(home[-1])
+    cfg = cfg.for_cells(n_total)  # step counts for this many cells (the configured ones are caps)
     ckpt = checkpoint
 
     def at(phase):  # the checkpoint was written exactly here: continue from it

@@ -89,12 +89,15 @@ input_noise, w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance, w_qu
         log2(cells / 16) clipped to [4, 16]; ``tau`` is the contrastive temperature;
         ``input_noise`` the view noise in units of the mean absolute standardised input.
     chunk_size, chunks_per_batch, d_model, attn_heads, layers, latent, token_pcs, token_residual, \
-attention, stage2_pretrain_steps, stage2_cluster_steps, update_interval, tol, w_consistency, w_kl, \
-w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, infer_batch
-        Stage 2, the neighbourhood Transformer and clustering head: ``latent`` is the width of z
+attention, stage2_pretrain_steps, stage2_cluster_steps, scale_steps, update_interval, tol, w_consistency, w_kl, \
+w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, infer_batch, mixed_precision
+        Stage 2, the neighbourhood Transformer and clustering head. With ``scale_steps`` (off by
+        default) its two step counts are caps: on fewer than ~4,300 cells each phase passes over the
+        cells a fixed number of times instead (at least 50 steps), ~20% faster on 200-cell data. ``latent`` is the width of z
         without ``token_residual``; ``update_interval`` the steps between target refreshes;
         ``tol`` stops when fewer labels change; ``w_kl`` weighs the KL clustering loss and
-        ``w_zinb_stage2`` the stage-2 ZINB loss; ``init`` is 'kmeans' or 'leiden'.
+        ``w_zinb_stage2`` the stage-2 ZINB loss; ``init`` is 'kmeans' or 'leiden'; ``mixed_precision`` trains in bfloat16
+        autocast on a CUDA GPU (no effect on CPU).
     train_cells, stage1_steps_subsample
         Large inputs (more cells, or a backed AnnData) train on a subsample of ``train_cells``
         cells and embed all in streaming passes; ``stage1_steps_subsample`` caps the stage-1
@@ -131,14 +134,14 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
                  latent: int = _TRAIN.latent, token_pcs: int = _TRAIN.token_pcs,
                  token_residual: bool = _TRAIN.token_residual, attention: bool = _TRAIN.attention,
                  stage2_pretrain_steps: int = _TRAIN.stage2_pretrain_steps,
-                 stage2_cluster_steps: int = _TRAIN.stage2_cluster_steps,
+                 stage2_cluster_steps: int = _TRAIN.stage2_cluster_steps, scale_steps: bool = _TRAIN.scale_steps,
                  update_interval: int = _TRAIN.update_interval, tol: float = _TRAIN.tol,
                  w_consistency: float = _TRAIN.w_consistency, w_kl: float = _TRAIN.w_kl,
                  w_zinb_stage2: float = _TRAIN.w_zinb_stage2, dropout: float = _TRAIN.dropout,
                  lr: float = _TRAIN.lr, weight_decay: float = _TRAIN.weight_decay,
                  grad_clip: float = _TRAIN.grad_clip, kmeans_n_init: int = _TRAIN.kmeans_n_init,
                  init: str = _TRAIN.init, graph_neighbors: int = _TRAIN.graph_neighbors,
-                 infer_batch: int = _TRAIN.infer_batch,
+                 infer_batch: int = _TRAIN.infer_batch, mixed_precision: bool = _TRAIN.mixed_precision,
                  # large inputs: training on a subsample
                  train_cells: int = _TRAIN.train_cells,
                  stage1_steps_subsample: int | None = _TRAIN.stage1_steps_subsample):

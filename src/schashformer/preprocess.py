@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import scipy.sparse as sp
 
 from .errors import InputError, ParameterError
@@ -451,8 +452,9 @@ def principal_axes(prepared: Prepared, n_comps: int, reduce=None, *, chunk: int 
     if scaled:
         std = st.std.astype(np.float64)
         cov = cov / np.outer(std, std)
-    vals, vecs = np.linalg.eigh(cov)
-    axes = vecs[:, ::-1][:, :n_comps]
+    # only the top n_comps pairs: LAPACK's subset driver is ~10x faster than a full eigh at 2000 genes
+    vals, vecs = scipy.linalg.eigh(cov, subset_by_index=[g - n_comps, g - 1], driver="evx")
+    axes = np.ascontiguousarray(vecs[:, ::-1])
     axes *= np.sign(axes[np.abs(axes).argmax(0), np.arange(n_comps)])  # deterministic signs
     return axes.astype(np.float32)
 

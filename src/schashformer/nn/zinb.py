@@ -40,9 +40,10 @@ class ZINBDecoder(nn.Module):
         if self.n_batches:
             z = torch.cat([z, batch_onehot], dim=1)
         h = self.body(z)
-        mu = torch.exp(self.mean(h).clamp(-12.0, 12.0)) * size_factors[:, None]
-        theta = F.softplus(self.dispersion(h)).clamp(_THETA_MIN, _THETA_MAX)
-        return mu, theta, self.dropout_logit(h)
+        # float32 from here on: under bfloat16 autocast the likelihood's exp / lgamma would lose precision
+        mu = torch.exp(self.mean(h).float().clamp(-12.0, 12.0)) * size_factors[:, None]
+        theta = F.softplus(self.dispersion(h).float()).clamp(_THETA_MIN, _THETA_MAX)
+        return mu, theta, self.dropout_logit(h).float()
 
 
 def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logit: torch.Tensor) -> torch.Tensor:
