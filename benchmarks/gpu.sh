@@ -36,7 +36,7 @@ t0=$(now)
 t1=$(now)
 # 8 simulated types: K given, as in benchmarks/scale.py; the file is clustered where it lies (out of core
 # above train_cells), so the read, every pass and the writing of the result are all in the time.
-"$PYTHON" -m schashformer cluster "$WORK/sim.h5ad" --out "$WORK/run" --n-clusters 8 --labels-key label \
+"$PYTHON" -m schashformer cluster "$WORK/sim.h5ad" --out "$WORK/run" --n-clusters 8 --labels-key cell_type \
   --device "$DEVICE" --no-umap --quiet ${CLUSTER_ARGS:-}
 t2=$(now)
 
