@@ -34,7 +34,7 @@ from sklearn.cluster import KMeans
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import quality  # noqa: E402  (the suite and its loader)
+import quality  # noqa: E402  (the suite, its loader and the chance purity)
 
 from schashformer import SCHashFormer, buckets, engine  # noqa: E402
 from schashformer.data import CellData  # noqa: E402
@@ -43,13 +43,6 @@ from schashformer.preprocess import prepare  # noqa: E402
 
 DEFAULT_SETS = ("10X_PBMC_top2000", "mouse_bladder_cell_top2000", "worm_neuron_cell_top2000",
                 "baron_mouse_1886x14878")
-
-
-def same_label_fraction(y: np.ndarray) -> float:
-    """Fraction of same-label pairs among all ordered pairs of distinct cells."""
-    counts = np.unique(y, return_counts=True)[1].astype(np.float64)
-    n = counts.sum()
-    return float((counts * (counts - 1)).sum() / (n * (n - 1)))
 
 
 @torch.no_grad()
@@ -92,7 +85,7 @@ def diagnose(adata, y: np.ndarray, k: int, label_key: str, seed: int) -> dict:
     update = np.linalg.norm(z - tokens, axis=1) / np.maximum(np.linalg.norm(tokens, axis=1), 1e-12)
     token_km = KMeans(k, n_init=10, random_state=seed).fit_predict(tokens)
     z_km = KMeans(k, n_init=10, random_state=seed).fit_predict(z)
-    return {"cells": int(keep.sum()), "K": k, "chance": same_label_fraction(y),
+    return {"cells": int(keep.sum()), "K": k, "chance": quality.chance_purity(y),
             "window purity": float(np.concatenate(window_purity).mean()),
             "attention on same label": float(np.concatenate(on_same).mean()),
             "update / token (median)": float(np.median(update)),

@@ -39,19 +39,6 @@ import quality  # noqa: E402  (the suite, its loader and each method's run live 
 SCANPY = quality.LEIDEN_RES1
 
 
-def parse_params(pairs: list[str]) -> dict:
-    """``name=value`` pairs -> dict, values read as YAML scalars (1, 0.5, true, none)."""
-    import yaml
-
-    params = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--param expects name=value, got {pair!r}")
-        params[name] = yaml.safe_load(value)
-    return params
-
-
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per data set: seconds and ARI of both methods (mean over seeds) and the time ratio."""
     ok = df[df["status"] == "ok"]
@@ -92,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="a scHashFormer parameter for a probe (the default run passes none)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
-    params = parse_params(args.param)
     threads = str(os.cpu_count() or 1)
     for var in quality.THREAD_VARS:  # before torch, BLAS or numba is first imported
         os.environ.setdefault(var, threads)
+    from schashformer.app import parse_params  # imports torch: only now that the thread limits are set
+
+    params = parse_params(args.param)
     fork = sys.platform.startswith("linux")
     if fork:
         for module in (*quality.PRELOAD, "scanpy"):

@@ -305,22 +305,26 @@ def warn_user(message: str) -> None:
 UMAP_CELLS = 20000  # the UMAP of an out-of-core run shows a random subsample of this many cells
 
 
+def is_h5ad(args) -> bool:
+    """Whether the command's input is a ``.h5ad`` file (``--format h5ad`` / ``anndata``, or its suffix)."""
+    fmt = (args.format or "").lower()
+    return fmt in ("h5ad", "anndata") or (args.format is None and Path(args.input).suffix == ".h5ad")
+
+
 def wants_out_of_core(args, train_cells: int | None = None) -> bool:
     """True when ``cluster`` should stream its input: asked for, or a ``.h5ad`` with more than
     ``train_cells`` cells (default: TrainConfig's) or too large to load in half the available memory."""
 
     train_cells = TrainConfig().train_cells if train_cells is None else train_cells
     path = Path(args.input)
-    is_h5ad = (args.format or "").lower() in ("h5ad", "anndata") or (args.format is None and path.suffix == ".h5ad")
+    h5ad = is_h5ad(args)
     if getattr(args, "out_of_core", False):
-        if not is_h5ad:
+        if not h5ad:
             raise InputError(f"{path}: --out-of-core reads .h5ad files only; convert it first "
                              "(schashformer.io.read(path).write_h5ad('counts.h5ad'))")
         return True
-    if not is_h5ad or not path.is_file():
+    if not h5ad or not path.is_file():
         return False
-
-
     try:
         with h5py.File(path, "r") as f:
             node = f["X"]
@@ -457,12 +461,8 @@ def add_output_options(parser, *, plot_flag: str, plot_help: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
-def is_h5ad(args) -> bool:
-    fmt = (args.format or "").lower()
-    return fmt in ("h5ad", "anndata") or (args.format is None and Path(args.input).suffix == ".h5ad")
-
-
 def labelled_bucket_stats(model, labels) -> None:
+    """Recompute ``model.bucket_stats_`` with label purity from ``labels`` (all input cells); None: keep them."""
     if labels is not None:
         model.bucket_stats_ = buckets.bucket_stats(model.codes_[model.cell_mask_],
                                                    np.asarray(labels)[model.cell_mask_])

@@ -109,13 +109,13 @@ class TrainConfig:
         if not self.scale_steps:
             return self
         n = max(int(n_cells), 1)
-        stage2_batch = self.chunk_size * self.chunks_per_batch
+        batches_per_pass = n / min(self.chunk_size * self.chunks_per_batch, n)  # query cells per stage-2 step
 
-        def steps(cap: int, epochs: float, batch: int) -> int:
-            return int(min(cap, max(MIN_STEPS, math.ceil(epochs * n / min(batch, n)))))
+        def steps(cap: int, epochs: float) -> int:
+            return int(min(cap, max(MIN_STEPS, math.ceil(epochs * batches_per_pass))))
 
-        return replace(self, stage2_pretrain_steps=steps(self.stage2_pretrain_steps, PHASE_EPOCHS["pretrain"], stage2_batch),
-                       stage2_cluster_steps=steps(self.stage2_cluster_steps, PHASE_EPOCHS["cluster"], stage2_batch))
+        return replace(self, stage2_pretrain_steps=steps(self.stage2_pretrain_steps, PHASE_EPOCHS["pretrain"]),
+                       stage2_cluster_steps=steps(self.stage2_cluster_steps, PHASE_EPOCHS["cluster"]))
 
     def to_dict(self) -> dict:
         return asdict(self)
