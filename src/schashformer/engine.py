@@ -292,6 +292,17 @@ def view_noise_sd(data: CellData, cfg: TrainConfig, comm: Comm = LOCAL) -> float
     return cfg.input_noise * (total / max(n, 1))
 
 
+def loss_genes(n_genes: int, cfg: TrainConfig, rng: np.random.Generator, device: torch.device) -> torch.Tensor | None:
+    """One training step's ZINB gene subset: ``cfg.zinb_genes`` genes drawn from ``rng`` without
+    replacement (sorted, for memory order), or None (every gene) when that is unset or not fewer.
+
+    ``rng`` is the fit's generator, drawn alike in every process, so all processes use the same genes."""
+    k = cfg.zinb_genes
+    if k is None or k >= n_genes:
+        return None
+    return torch.from_numpy(np.sort(rng.choice(n_genes, k, replace=False))).to(device)
+
+
 def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np.random.Generator, *,
                   home: np.ndarray | None = None, comm: Comm = LOCAL) -> Phase:
     """Stage 1 as a :class:`Phase`: global minibatches of ``cfg.stage1_batch`` rows, two masked and
@@ -319,6 +330,7 @@ def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
         local = rows[mine] - home[comm.rank]
         x = data.inputs(local)
         counts, sf, onehot = data.targets(local)
+        genes = loss_genes(n_genes, cfg, rng, data.device)
         # the whole batch's masks and noise are drawn in every process alike; each keeps its rows
         shape = (len(rows), n_genes)
         pick = (lambda t: t) if len(mine) == len(rows) else (lambda t: t[torch.from_numpy(mine).to(t.device)])
@@ -327,7 +339,8 @@ def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
         if noise > 0:
             x1 = x1 + noise * pick(torch.randn(shape, generator=gen, device=data.device))
             x2 = x2 + noise * pick(torch.randn(shape, generator=gen, device=data.device))
-        return loss_module(x1, x2, counts, sf, onehot, share=len(mine) / len(rows), gather=comm.gather_rows)
+        return loss_module(x1, x2, counts, sf, onehot, share=len(mine) / len(rows), gather=comm.gather_rows,
+                           genes=genes)
 
     def load_loop(state):
         gen.set_state(state["gen"])
@@ -465,7 +478,8 @@ class NeighbourhoodStage:
     def _loss(self, with_kl: bool) -> NeighbourhoodLoss:
         cfg = self.cfg
         return NeighbourhoodLoss(self.encoder, self.decoder, self.head if with_kl else None, chunk_size=cfg.chunk_size,
-                                 tau=cfg.tau, w_zinb=cfg.w_zinb_stage2, w_consistency=cfg.w_consistency, w_kl=cfg.w_kl)
+                                 tau=cfg.tau, w_zinb=cfg.w_zinb_stage2, w_consistency=cfg.w_consistency, w_kl=cfg.w_kl,
+                                 query_noise=cfg.query_noise)
 
     def phase(self, with_kl: bool) -> Phase:
         """Pre-training (ZINB only, phase ``"pretrain"``) or clustering (+ KL(P || Q), ``"cluster"``) as a
@@ -502,7 +516,9 @@ class NeighbourhoodStage:
             p = None
             if with_kl:
                 p = target["p"][torch.from_numpy(cells.held_rows(query)).to(self.device)]
-            return loss_module(x, mask, counts, sf, onehot, p, share=len(query) / n_query, gather=comm.gather_rows)
+            genes = loss_genes(self.decoder.mean.out_features, cfg, self.rng, self.device)
+            return loss_module(x, mask, counts, sf, onehot, p, share=len(query) / n_query, gather=comm.gather_rows,
+                               genes=genes)
 
         def loop_state():
             loop = batches.state()
@@ -760,7 +776,7 @@ def build_stage2(cfg: TrainConfig, token_width: int, n_genes: int, n_batches: in
     """The neighbourhood encoder and its ZINB decoder; with ``token_residual`` z has the token's width."""
     z_dim = token_width if cfg.token_residual else cfg.latent
     encoder = NeighbourhoodEncoder(token_width, cfg.d_model, cfg.attn_heads, z_dim, cfg.layers, cfg.dropout,
-                                   cfg.token_residual, cfg.attention).to(device)
+                                   cfg.token_residual, cfg.attention, exclude_self=cfg.query_noise > 0).to(device)
     return encoder, ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
 
 

@@ -69,11 +69,19 @@ class TrainConfig:
     scale_steps: bool = False
     update_interval: int = 25  # steps between refreshes of the target distribution P
     tol: float = 0.001  # stop when fewer than this fraction of labels change between refreshes
+    # sd of the noise on each query's own token in stage-2 training (units of the rms token entry); > 0 also
+    # hides a cell's own token from its attention, so the update has to come from its hash neighbours
+    # (neighbourhood denoising, docs/METHOD_CHOICES.md). 0: the cell's own counts from its clean token.
+    query_noise: float = 0.0
     w_consistency: float = 0.0  # stage-2 InfoNCE between two dropout passes (off: token_residual keeps z discriminative)
     # weight of the KL clustering loss: scDeepCluster's 1, not METHOD.md's 0.1 (the ZINB term is a mean per
     # entry, so 0.1 left DEC almost idle: +0.005 worm NMI at 1 with refreshes every 25 steps, docs/METHOD_CHOICES.md)
     w_kl: float = 1.0
     w_zinb_stage2: float = 1.0  # weight of the ZINB loss in stage 2
+    # Genes in each training step's ZINB loss (both stages): a fresh random subset of this many genes per
+    # step, or every gene (None). The per-entry mean stays unbiased; the decoder's output layers and the
+    # likelihood, over half of a step's time at 2,000 genes, shrink with it (docs/METHOD_CHOICES.md).
+    zinb_genes: int | None = None
     dropout: float = 0.1
     lr: float = 1e-3
     weight_decay: float = 1e-4

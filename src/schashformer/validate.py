@@ -96,6 +96,9 @@ def check_params(params: dict, hints: dict) -> None:
         for name in names:
             if name in params and params[name] < low:
                 raise ParameterError(f"{name} must be >= {low}, got {params[name]}")
+    genes = params.get("zinb_genes")
+    if genes is not None and genes < 1:
+        raise ParameterError(f"zinb_genes must be None (every gene) or an integer >= 1, got {genes!r}")
     steps = params.get("stage1_steps_subsample")
     if steps is not None and steps < 0:
         raise ParameterError(f"stage1_steps_subsample must be None or an integer >= 0, got {steps!r}")
@@ -115,7 +118,7 @@ def check_params(params: dict, hints: dict) -> None:
 
 
 # float fields that must be >= 0 (weights, noise, rates); lr and tau must be > 0 (TrainConfig.validate)
-NON_NEGATIVE = ("input_noise", "w_zinb", "w_contrastive", "bucket_weight", "w_balance", "w_quantisation",
+NON_NEGATIVE = ("input_noise", "query_noise", "w_zinb", "w_contrastive", "bucket_weight", "w_balance", "w_quantisation",
                 "w_consistency", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
 SEED_MAX = 2**32 - 1  # numpy's legacy generator and scikit-learn's random_state accept [0, 2**32 - 1]
 

@@ -31,16 +31,27 @@ class LocalAttention(nn.Module):
         self.max_scores_numel = 0
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """queries (B, C, d), keys (B, T, d), key_mask (B, T) True = attend -> (B, C, d)."""
+        """queries (B, C, d), keys (B, T, d), key_mask (B, T) or per query (B, C, T), True = attend -> (B, C, d)."""
         b, c, d = queries.shape
         t, hd = keys.shape[1], d // self.n_heads
         q = self.q(queries).view(b, c, self.n_heads, hd).transpose(1, 2)
         k, v = self.kv(keys).view(b, t, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-2, -1) / hd**0.5  # (B, heads, C, T)
         self.max_scores_numel = max(self.max_scores_numel, scores.numel())
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        allowed = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
         attn = self.dropout(F.softmax(scores, dim=-1))
         return self.out((attn @ v).transpose(1, 2).reshape(b, c, d))
+
+
+def without_self(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
+    """Key mask (B, T) with the C = n_query queries last -> per-query mask (B, C, T) in which no query
+    attends to its own position; a query with no other key keeps its own (a softmax needs one key)."""
+    b, t = key_mask.shape
+    own = torch.zeros(n_query, t, dtype=torch.bool, device=key_mask.device)
+    own[:, t - n_query:] = torch.eye(n_query, dtype=torch.bool, device=key_mask.device)
+    mask = key_mask[:, None, :] & ~own
+    return torch.where(mask.any(-1, keepdim=True), mask, key_mask[:, None, :].expand(b, n_query, t))
 
 
 class NeighbourhoodEncoder(nn.Module):
@@ -61,14 +72,18 @@ class NeighbourhoodEncoder(nn.Module):
         goes through the input projection, the feed-forward sub-layers and the output layer
         alone, so z depends on the cell's own token only. The attention weights are still
         built (same parameter initialisation), never called.
+    exclude_self : no query attends to its own token, so what attention adds comes from the
+        neighbours alone (needed when training corrupts the queries: the clean own token among
+        the keys would be copied back).
     """
 
     def __init__(self, n_genes: int, d_model: int = 256, n_heads: int = 4, n_latent: int = 32,
-                 n_layers: int = 1, dropout: float = 0.1, token_residual: bool = False, attention: bool = True):
+                 n_layers: int = 1, dropout: float = 0.1, token_residual: bool = False, attention: bool = True,
+                 exclude_self: bool = False):
         super().__init__()
         if token_residual and n_latent != n_genes:
             raise ValueError(f"token_residual needs n_latent == input size, got {n_latent} and {n_genes}")
-        self.token_residual, self.attention = token_residual, attention
+        self.token_residual, self.attention, self.exclude_self = token_residual, attention, exclude_self
         self.n_latent = n_latent
         self.input = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_genes, d_model))
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
@@ -77,19 +92,27 @@ class NeighbourhoodEncoder(nn.Module):
             nn.init.zeros_(self.to_latent[1].weight)
             nn.init.zeros_(self.to_latent[1].bias)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, n_query: int,
+                query_x: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, genes) with the C = n_query query cells last; key_mask (B, T) -> z (B, C, n_latent).
 
-        The first T - C tokens are context only (the previous chunk).
+        The first T - C tokens are context only (the previous chunk). Every block's keys and values are
+        the input tokens of all T positions; only the query stream is updated block by block.
+        ``query_x`` (B, C, genes): the queries' own input instead of ``x``'s last C rows (a corrupted
+        copy in training, :class:`schashformer.nn.losses.NeighbourhoodLoss`), while the keys keep ``x``.
         """
         c = n_query
         if not self.attention:  # context tokens are only ever read by attention: drop them
             x, key_mask = x[:, -c:], key_mask[:, -c:]
-        tokens = self.input(x)
+        own = x[:, -c:] if query_x is None else query_x
+        context = self.input(x)
+        query = context[:, -c:] if query_x is None else self.input(query_x)
+        if self.attention and self.exclude_self:
+            key_mask = without_self(key_mask, c)
         for block in self.blocks:
-            tokens = block(tokens, key_mask, n_query=c, attend=self.attention)
-        z = self.to_latent(tokens[:, -c:])
-        return x[:, -c:] + z if self.token_residual else z
+            query = block(query, context, key_mask, attend=self.attention)
+        z = self.to_latent(query)
+        return own + z if self.token_residual else z
 
     @property
     def max_scores_numel(self) -> int:
@@ -106,12 +129,9 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Dropout(dropout),
                                 nn.Linear(2 * d_model, d_model))
 
-    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor, n_query: int, attend: bool = True) -> torch.Tensor:
-        """tokens (B, T, d) with the n_query query tokens last -> (B, T, d); ``attend=False`` skips attention."""
-        # Context tokens keep their value; only query tokens are updated.
-        query = tokens[:, -n_query:]
+    def forward(self, query: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor,
+                attend: bool = True) -> torch.Tensor:
+        """query (B, C, d) attends over context (B, T, d) -> updated query (B, C, d); ``attend=False`` skips attention."""
         if attend:
-            normed = self.ln_attn(tokens)
-            query = query + self.attn(normed[:, -n_query:], normed, key_mask)
-        query = query + self.ff(self.ln_ff(query))
-        return torch.cat([tokens[:, :-n_query], query], dim=1) if tokens.shape[1] > n_query else query
+            query = query + self.attn(self.ln_attn(query), self.ln_attn(context), key_mask)
+        return query + self.ff(self.ln_ff(query))

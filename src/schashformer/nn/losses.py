@@ -36,6 +36,14 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def zinb_on(decoder: ZINBDecoder, z: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
+            batch_onehot: torch.Tensor | None, genes: torch.Tensor | None) -> torch.Tensor:
+    """Mean ZINB NLL of ``counts`` (cells, genes) decoded from ``z``; with ``genes`` (g,) only those columns,
+    an unbiased estimate of the mean over all genes when the subset is drawn uniformly."""
+    target = counts if genes is None else counts.index_select(1, genes)
+    return zinb_nll(target, *decoder(z, size_factors, batch_onehot, genes))
+
+
 class HashingLoss(nn.Module):
     """Stage 1: the hasher's loss on two augmented views of a minibatch.
 
@@ -67,12 +75,12 @@ class HashingLoss(nn.Module):
                 "quantisation": self.w_quantisation}
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
-                batch_onehot: torch.Tensor | None, share: float = 1.0,
-                gather: Gather = _identity) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                batch_onehot: torch.Tensor | None, share: float = 1.0, gather: Gather = _identity,
+                genes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Views (rows, genes) of this process's rows -> (loss, detached terms).
 
-        ``terms["zinb"]`` is this process's share of the ZINB mean; the other terms are the
-        whole batch's (identical in every process).
+        ``terms["zinb"]`` is this process's share of the ZINB mean (over the ``genes`` subset when
+        given, see :func:`zinb_on`); the other terms are the whole batch's (identical in every process).
         """
         ix = self.indexer
         hidden1, hidden2 = ix.encode(x1), ix.encode(x2)
@@ -82,7 +90,7 @@ class HashingLoss(nn.Module):
                  "balance": bit_balance_loss(h1), "quantisation": (h1 - h1.detach().round()).abs().mean()}
         loss = self.w_contrastive * terms["contrastive"]
         if len(x1):
-            zinb = zinb_nll(counts, *ix.decoder(hidden1, size_factors, batch_onehot))
+            zinb = zinb_on(ix.decoder, hidden1, counts, size_factors, batch_onehot, genes)
             zinb = zinb if share == 1 else zinb * share
             # w_zinb = 0 leaves the term out of the graph (ablation): the decoder gets no gradient
             if self.w_zinb > 0:
@@ -105,14 +113,20 @@ class NeighbourhoodLoss(nn.Module):
     chunk_size : C, query cells per chunk.
     tau : temperature of the consistency InfoNCE.
     w_zinb, w_consistency, w_kl : weights of the terms.
+    query_noise : sd of the Gaussian noise added to each query's own token in training, in units of
+        the batch's root-mean-square token entry (0: none). The keys stay clean and (with the
+        encoder's ``exclude_self``) exclude the query's own token, so what the corrupted query lacks
+        can only be recovered from its hash neighbours: attention gets a job the token cannot do alone.
     """
 
     def __init__(self, encoder: NeighbourhoodEncoder, decoder: ZINBDecoder, head: ClusterHead | None, *,
-                 chunk_size: int, tau: float, w_zinb: float, w_consistency: float, w_kl: float):
+                 chunk_size: int, tau: float, w_zinb: float, w_consistency: float, w_kl: float,
+                 query_noise: float = 0.0):
         super().__init__()
         self.encoder, self.decoder, self.head = encoder, decoder, head
         self.chunk_size, self.tau = chunk_size, tau
         self.w_zinb, self.w_consistency, self.w_kl = w_zinb, w_consistency, w_kl
+        self.query_noise = query_noise
 
     batch_terms = frozenset({"consistency"})
 
@@ -120,18 +134,29 @@ class NeighbourhoodLoss(nn.Module):
         """Weight of each term in the loss (for the reported total)."""
         return {"zinb": self.w_zinb, "consistency": self.w_consistency, "kl": self.w_kl}
 
-    def embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Tokens (chunks, 2C, width) with key mask (chunks, 2C) -> z of the present query cells (n, latent)."""
+    def embed(self, x: torch.Tensor, mask: torch.Tensor, query_x: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (chunks, 2C, width) with key mask (chunks, 2C) -> z of the present query cells (n, latent);
+        ``query_x`` (chunks, C, width) replaces the queries' own tokens (not the keys)."""
         c = self.chunk_size
-        return self.encoder(x, mask, n_query=c)[mask[:, -c:]]
+        return self.encoder(x, mask, n_query=c, query_x=query_x)[mask[:, -c:]]
+
+    def corrupted_queries(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The queries' tokens plus Gaussian noise of sd ``query_noise`` x their rms entry (None when 0)."""
+        if self.query_noise <= 0:
+            return None
+        c = self.chunk_size
+        own, present = x[:, -c:], mask[:, -c:]
+        rms = own[present].detach().pow(2).mean().sqrt() if present.any() else own.new_ones(())
+        return own + (self.query_noise * rms) * torch.randn_like(own)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
                 batch_onehot: torch.Tensor | None, p: torch.Tensor | None, share: float = 1.0,
-                gather: Gather = _identity) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This process's chunks of a batch -> (loss, detached terms); ``p`` (queries, K) the target rows."""
-        z = self.embed(x, mask)
+                gather: Gather = _identity, genes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This process's chunks of a batch -> (loss, detached terms); ``p`` (queries, K) the target rows,
+        ``genes`` the ZINB term's gene subset (None: all, see :func:`zinb_on`)."""
+        z = self.embed(x, mask, self.corrupted_queries(x, mask))
         if len(z):
-            zinb = zinb_nll(counts, *self.decoder(z, size_factors, batch_onehot))
+            zinb = zinb_on(self.decoder, z, counts, size_factors, batch_onehot, genes)
         else:  # no query cell in this process this step (a mean over none is undefined)
             zinb = z.sum() * 0.0
         loss = self.w_zinb * zinb
@@ -139,7 +164,7 @@ class NeighbourhoodLoss(nn.Module):
         if self.w_consistency > 0:
             # A second pass sees other dropout noise on tokens and attention: its z must still
             # identify the same cell among the batch (SimCSE-style), which keeps z discriminative.
-            cons = info_nce(gather(z), gather(self.embed(x, mask)), self.tau)
+            cons = info_nce(gather(z), gather(self.embed(x, mask, self.corrupted_queries(x, mask))), self.tau)
             terms["consistency"] = cons
         if self.head is not None:
             kl = kl_loss(p, self.head(z)) if len(z) else z.sum() * 0.0

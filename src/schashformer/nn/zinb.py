@@ -35,15 +35,26 @@ class ZINBDecoder(nn.Module):
         self.dispersion = nn.Linear(n_hidden, n_genes)
         self.dropout_logit = nn.Linear(n_hidden, n_genes)
 
-    def forward(self, z: torch.Tensor, size_factors: torch.Tensor, batch_onehot: torch.Tensor | None = None):
-        """Return (mu, theta, pi_logit), each (cells, genes); size_factors is (cells,)."""
+    def forward(self, z: torch.Tensor, size_factors: torch.Tensor, batch_onehot: torch.Tensor | None = None,
+                genes: torch.Tensor | None = None):
+        """Return (mu, theta, pi_logit), each (cells, genes); size_factors is (cells,).
+
+        ``genes`` (g,) int64: only these genes' parameters, each (cells, g), computed from those rows of
+        the output layers alone (a training step's gene subset, ``TrainConfig.zinb_genes``).
+        """
         if self.n_batches:
             z = torch.cat([z, batch_onehot], dim=1)
         h = self.body(z)
-        # float32 from here on: under bfloat16 autocast the likelihood's exp / lgamma would lose precision
-        mu = torch.exp(self.mean(h).float().clamp(-12.0, 12.0)) * size_factors[:, None]
-        theta = F.softplus(self.dispersion(h).float()).clamp(_THETA_MIN, _THETA_MAX)
-        return mu, theta, self.dropout_logit(h).float()
+
+        def out(layer: nn.Linear) -> torch.Tensor:
+            # float32 from here on: under bfloat16 autocast the likelihood's exp / lgamma would lose precision
+            if genes is None:
+                return layer(h).float()
+            return F.linear(h, layer.weight[genes], layer.bias[genes]).float()
+
+        mu = torch.exp(out(self.mean).clamp(-12.0, 12.0)) * size_factors[:, None]
+        theta = F.softplus(out(self.dispersion)).clamp(_THETA_MIN, _THETA_MAX)
+        return mu, theta, out(self.dropout_logit)
 
 
 def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logit: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""The ZINB loss on a gene subset per step (``zinb_genes``) and neighbourhood denoising
+(``query_noise``): the pieces on small tensors, and whole fits on simulated counts."""
+
+import numpy as np
+import pytest
+import torch
+
+from schashformer import SCHashFormer
+from schashformer.engine import loss_genes
+from schashformer.metrics import clustering_scores
+from schashformer.nn import NeighbourhoodEncoder, ZINBDecoder
+from schashformer.nn.local_attention import without_self
+from schashformer.nn.losses import zinb_on
+from schashformer.nn.zinb import zinb_nll
+from schashformer.train import TrainConfig
+
+from .conftest import FAST, simulate_counts
+
+
+def test_decoder_on_a_gene_subset_gives_those_columns_of_the_full_decode():
+    torch.manual_seed(0)
+    dec = ZINBDecoder(6, 40, n_hidden=16)
+    z, sf = torch.randn(5, 6), torch.rand(5) + 0.5
+    genes = torch.tensor([1, 7, 8, 30])
+    for full, part in zip(dec(z, sf), dec(z, sf, genes=genes)):
+        assert part.shape == (5, 4)
+        torch.testing.assert_close(part, full[:, genes])
+
+
+def test_zinb_on_every_gene_equals_the_full_likelihood_and_a_subset_its_columns():
+    torch.manual_seed(1)
+    dec = ZINBDecoder(6, 30, n_hidden=16)
+    z, sf = torch.randn(8, 6), torch.ones(8)
+    counts = torch.poisson(torch.rand(8, 30) * 3)
+    full = zinb_nll(counts, *dec(z, sf))
+    torch.testing.assert_close(zinb_on(dec, z, counts, sf, None, torch.arange(30)), full)
+    genes = torch.tensor([0, 4, 9])
+    torch.testing.assert_close(zinb_on(dec, z, counts, sf, None, genes), zinb_nll(counts[:, genes], *dec(z, sf, None, genes)))
+    assert zinb_on(dec, z, counts, sf, None, genes) != full
+
+
+def test_loss_genes_draws_a_sorted_subset_without_repeats_or_none():
+    rng = np.random.default_rng(0)
+    genes = loss_genes(100, TrainConfig(zinb_genes=10), rng, torch.device("cpu"))
+    values = genes.numpy()
+    assert len(values) == 10 and len(set(values)) == 10 and (np.diff(values) > 0).all() and values.max() < 100
+    assert not torch.equal(genes, loss_genes(100, TrainConfig(zinb_genes=10), rng, torch.device("cpu")))
+    assert loss_genes(100, TrainConfig(zinb_genes=None), rng, torch.device("cpu")) is None
+    assert loss_genes(100, TrainConfig(zinb_genes=100), rng, torch.device("cpu")) is None
+
+
+def test_without_self_hides_each_query_from_itself_unless_it_is_alone():
+    key_mask = torch.tensor([[True, True, True, True], [False, False, True, False]])
+    mask = without_self(key_mask, n_query=2)  # queries at positions 2 and 3
+    assert mask.shape == (2, 2, 4)
+    assert mask[0].tolist() == [[True, True, False, True], [True, True, True, False]]
+    # chunk 2: query 0 (position 2) has no other key: it keeps its own; query 1 is padding
+    assert mask[1, 0].tolist() == [False, False, True, False]
+
+
+def test_excluded_own_key_does_not_reach_the_query_but_reaches_its_neighbours():
+    torch.manual_seed(0)
+    enc = NeighbourhoodEncoder(8, d_model=16, n_heads=2, n_latent=8, dropout=0.0, token_residual=True,
+                               exclude_self=True).eval()
+    torch.nn.init.normal_(enc.to_latent[1].weight)  # a non-zero update, as after training
+    x = torch.randn(1, 6, 8)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    queries = x[:, -3:].clone()
+    moved = x.clone()
+    moved[0, 3] += 5.0  # the key copy of query 0's token (position 3 = the first of the 3 queries)
+    z, z_moved = enc(x, mask, 3, query_x=queries), enc(moved, mask, 3, query_x=queries)
+    torch.testing.assert_close(z_moved[0, 0], z[0, 0])  # query 0 never reads its own key
+    assert not torch.allclose(z_moved[0, 1:], z[0, 1:])  # its chunk mates do
+
+
+def test_query_noise_zero_is_the_plain_fit():
+    """query_noise 0 and zinb_genes None are today's fit exactly (the defaults add no random draws)."""
+    adata = simulate_counts(n_cells=200, n_genes=100, seed=3)
+    a = SCHashFormer(3, seed=0, progress=False, **FAST).fit(adata)
+    b = SCHashFormer(3, seed=0, progress=False, query_noise=0.0, zinb_genes=None, **FAST).fit(adata)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_array_equal(a.embedding_, b.embedding_)
+
+
+@pytest.mark.parametrize("params", [{"zinb_genes": 40}, {"query_noise": 1.0}])
+def test_fits_with_either_objective_cluster_simulated_types(params):
+    adata = simulate_counts(n_cells=300, n_genes=150, seed=4)
+    model = SCHashFormer(3, seed=0, progress=False, **{**FAST, **params}).fit(adata)
+    assert all(np.isfinite(r["loss"]) for r in model.history_)
+    assert clustering_scores(adata.obs["label"].to_numpy(), model.labels_)["ari"] > 0.8
+    assert model.encoder_.exclude_self == (params.get("query_noise", 0) > 0)
+
+
+def test_bad_values_are_named():
+    from schashformer.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="zinb_genes"):
+        SCHashFormer(3, zinb_genes=0).check_params()
+    with pytest.raises(ParameterError, match="query_noise"):
+        SCHashFormer(3, query_noise=-1.0).check_params()
