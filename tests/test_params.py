@@ -40,7 +40,7 @@ TINY = dict(stage1_steps=2, stage2_pretrain_steps=2, stage2_cluster_steps=2, hid
 
 def other_value(name: str, default):
     """A valid value different from ``default``."""
-    special = {"init": "leiden", "hash_bits": 5, "d_model": 240, "attn_heads": 6, "stage1_steps_subsample": 150, "n_clusters": 3, "device": "cpu",
+    special = {"init": "leiden", "hash_bits": 5, "d_model": 240, "attn_heads": 6, "stage1_steps_subsample": 150, "zinb_genes": 64, "n_clusters": 3, "device": "cpu",
                "checkpoint_dir": "ck"}
     if name in special:
         return special[name]

@@ -65,3 +65,30 @@ def test_written_in_chunks_equals_in_memory(params, tmp_path):
         simulate(10, like=params, out=path)
     with pytest.raises(ParameterError):
         simulate(0, like=params)
+
+
+def test_unequal_types_are_unequal_shallow_and_modestly_different():
+    from schashformer.datasets import unequal_types
+
+    adata = simulate(20_000, like="unequal", seed=1)
+    sizes = adata.obs["cell_type"].value_counts()
+    assert len(sizes) == 10 and 30 < sizes.max() / sizes.min() < 90  # size_ratio 50, sampling noise
+    depth = np.median(np.asarray(adata.X.sum(1)).ravel())
+    assert 1000 < depth < 2200  # log-normal around 1,500 counts
+    params = unequal_types(seed=1)
+    log_ratio = np.log(params.proportions / params.proportions[0])  # type t vs type 0, per gene
+    log_ratio -= np.median(log_ratio, axis=1, keepdims=True)  # the normalisation shifts every gene alike
+    changed = np.abs(log_ratio) > 1e-4
+    assert 0.15 <= changed[1:].mean() <= 0.22  # each pair differs on its two 10% DE sets, minus overlap
+    assert np.median(np.abs(log_ratio[1][changed[1]])) < 1.5  # modest folds
+    with pytest.raises(ParameterError, match="size_ratio"):
+        unequal_types(size_ratio=0.5)
+
+
+def test_simulate_cli_writes_the_unequal_reference(tmp_path):
+    from schashformer.cli import main
+
+    out = tmp_path / "u.h5ad"
+    assert main(["simulate", "--cells", "500", "--like", "unequal", "--out", str(out), "--quiet"]) == 0
+    adata = ad.read_h5ad(out)
+    assert adata.shape == (500, 2000) and adata.obs["cell_type"].nunique() >= 8

@@ -98,3 +98,15 @@ def test_bad_values_are_named():
         SCHashFormer(3, zinb_genes=0).check_params()
     with pytest.raises(ParameterError, match="query_noise"):
         SCHashFormer(3, query_noise=-1.0).check_params()
+
+
+def test_target_balance_scales_the_size_correction_of_the_dec_target():
+    from schashformer.nn import target_distribution
+
+    q = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8]])
+    dec = target_distribution(q)
+    torch.testing.assert_close(target_distribution(q, balance=1.0), dec)
+    sharpened = q.pow(2) / q.pow(2).sum(1, keepdim=True)
+    torch.testing.assert_close(target_distribution(q, balance=0.0), sharpened)
+    # DEC's division by the cluster size moves mass from the large cluster 0 to the small cluster 1
+    assert (dec[:, 1] > sharpened[:, 1]).all()

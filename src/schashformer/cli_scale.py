@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from .datasets.simulate import REFERENCES, simulate
+from .datasets.simulate import REFERENCES, SYNTHETIC, simulate
 
 COMMANDS = ("simulate",)
 
@@ -24,7 +24,8 @@ def add_parsers(sub) -> None:
     sim.add_argument("--cells", type=int, required=True, help="number of cells")
     sim.add_argument("--out", required=True, help="output .h5ad file")
     sim.add_argument("--like", default="PBMC",
-                     help=f"reference: {', '.join(REFERENCES)} or a labeled count file (labels in obs['label'])")
+                     help=f"reference: {', '.join(REFERENCES)}, a synthetic one ({', '.join(SYNTHETIC)}: 10 types of "
+                          "very unequal size, modest differences) or a labeled count file (labels in obs['label'])")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -504,7 +504,7 @@ class NeighbourhoodStage:
                         return STOP
                 target["labels"] = labels
                 q_t = torch.from_numpy(q)
-                p_home = target_distribution(q_t, comm.allreduce_tensor(q_t.sum(0))).numpy()
+                p_home = target_distribution(q_t, comm.allreduce_tensor(q_t.sum(0)), cfg.target_balance).numpy()
                 target["p"] = torch.from_numpy(cells.held(p_home)).to(self.device)
             for m in modules:
                 m.train()

@@ -96,7 +96,8 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         cells a fixed number of times instead (at least 50 steps), ~20% faster on 200-cell data. ``latent`` is the width of z
         without ``token_residual``; ``update_interval`` the steps between target refreshes;
         ``tol`` stops when fewer labels change; ``w_kl`` weighs the KL clustering loss and
-        ``w_zinb_stage2`` the stage-2 ZINB loss; ``query_noise`` (> 0) trains the neighbourhood Transformer to
+        ``w_zinb_stage2`` the stage-2 ZINB loss; ``target_balance`` is the exponent of
+        the cluster size in DEC's target (1: DEC's, favours equal sizes; 0: none); ``query_noise`` (> 0) trains the neighbourhood Transformer to
         restore noised query tokens from their hash neighbours (own token hidden from attention);
         ``zinb_genes`` is the number of genes (a fresh random
         subset each step) in both stages' ZINB loss (None: all); ``init`` is 'kmeans' or 'leiden'; ``mixed_precision`` trains in bfloat16
@@ -141,7 +142,8 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
                  update_interval: int = _TRAIN.update_interval, tol: float = _TRAIN.tol,
                  query_noise: float = _TRAIN.query_noise, w_consistency: float = _TRAIN.w_consistency,
                  w_kl: float = _TRAIN.w_kl,
-                 w_zinb_stage2: float = _TRAIN.w_zinb_stage2, zinb_genes: int | None = _TRAIN.zinb_genes,
+                 w_zinb_stage2: float = _TRAIN.w_zinb_stage2, target_balance: float = _TRAIN.target_balance,
+                 zinb_genes: int | None = _TRAIN.zinb_genes,
                  dropout: float = _TRAIN.dropout,
                  lr: float = _TRAIN.lr, weight_decay: float = _TRAIN.weight_decay,
                  grad_clip: float = _TRAIN.grad_clip, kmeans_n_init: int = _TRAIN.kmeans_n_init,

@@ -78,6 +78,9 @@ class TrainConfig:
     # entry, so 0.1 left DEC almost idle: +0.005 worm NMI at 1 with refreshes every 25 steps, docs/METHOD_CHOICES.md)
     w_kl: float = 1.0
     w_zinb_stage2: float = 1.0  # weight of the ZINB loss in stage 2
+    # exponent of the cluster frequency in DEC's target p = q^2 / f^target_balance: 1 is DEC's (favours equal
+    # sizes), 0 sharpens q alone (docs/METHOD_CHOICES.md, unequal type sizes)
+    target_balance: float = 1.0
     # Genes in each training step's ZINB loss (both stages): a fresh random subset of this many genes per
     # step, or every gene (None). The per-entry mean stays unbiased; the decoder's output layers and the
     # likelihood, over half of a step's time at 2,000 genes, shrink with it (docs/METHOD_CHOICES.md).

@@ -170,6 +170,44 @@ def _fit_logistic(logmean: np.ndarray, pi: np.ndarray, weight: np.ndarray) -> tu
     return float(res.x[0]), float(res.x[1])
 
 
+def unequal_types(n_types: int = 10, n_genes: int = 2000, *, de_fraction: float = 0.1, de_log_fold: float = 0.6,
+                  size_ratio: float = 50.0, depth: float = 1500.0, depth_sd: float = 0.4, theta: float = 3.0,
+                  seed: int = 0) -> SimulationParams:
+    """Synthetic, Splatter-style parameters: ``n_types`` types of very unequal size with modest differences.
+
+    Nothing is fitted to real data (no one tuned on these): gene base proportions are gamma(0.6)
+    draws; each type changes a random ``de_fraction`` of the genes by a log-normal fold of
+    log-sd ``de_log_fold`` (up or down at random: modest, ~1.8x typical); type frequencies fall
+    geometrically so the largest type is ``size_ratio`` times the smallest; library sizes are
+    log-normal around ``depth`` counts (shallow); counts are NB with inverse dispersion ``theta``
+    (gene-specific around it); no zero inflation, programmes or mixing.
+    """
+    if n_types < 2 or n_genes < 10 or not 0 < de_fraction <= 1 or size_ratio < 1 or depth <= 0 or theta <= 0:
+        raise ParameterError("unequal_types needs n_types >= 2, n_genes >= 10, 0 < de_fraction <= 1, size_ratio >= 1, "
+                             f"depth > 0 and theta > 0; got {n_types}, {n_genes}, {de_fraction}, {size_ratio}, "
+                             f"{depth}, {theta}")
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(0.6, 1.0, n_genes) + 1e-3
+    log_props = np.tile(np.log(base), (n_types, 1))
+    n_de = max(1, int(round(de_fraction * n_genes)))
+    for t in range(n_types):
+        genes = rng.choice(n_genes, n_de, replace=False)
+        log_props[t, genes] += rng.choice([-1.0, 1.0], n_de) * np.abs(rng.normal(0.0, de_log_fold, n_de) + de_log_fold)
+    props = np.exp(log_props)
+    props /= props.sum(1, keepdims=True)
+    freq = np.exp(-np.arange(n_types) * np.log(size_ratio) / (n_types - 1))
+    return SimulationParams(
+        type_names=np.array([f"type{t}" for t in range(n_types)]), type_freq=freq / freq.sum(),
+        log_lib_mean=np.full(n_types, np.log(depth)), log_lib_sd=np.full(n_types, depth_sd), proportions=props,
+        theta=theta * np.exp(rng.normal(0.0, 0.3, n_genes)), dropout=(-30.0, 0.0),
+        programmes=np.zeros((0, n_genes)), programme_sd=np.zeros(0),
+        gene_names=np.array([f"gene{g}" for g in range(n_genes)]), reference="unequal")
+
+
+#: Synthetic references :func:`simulate` accepts by name (parameters made, not fitted).
+SYNTHETIC = {"unequal": unequal_types}
+
+
 def load_reference(like: str) -> tuple[ad.AnnData, str]:
     """(AnnData with ``obs['label']``, name) of a reference named in :data:`REFERENCES` or a file path."""
     if like in REFERENCES:
@@ -226,7 +264,8 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
     ----------
     n_cells : number of cells (>= 1).
     like : a reference name from :data:`REFERENCES` ('PBMC': 10x PBMC, 8 types; 'bladder': 16 types;
-        'worm': 10 types), a labeled count file (labels in ``obs['label']``), or fitted
+        'worm': 10 types), 'unequal' (:func:`unequal_types`: 10 synthetic types of very unequal size,
+        fitted to nothing), a labeled count file (labels in ``obs['label']``), or fitted
         :class:`SimulationParams`.
     seed : random seed; chunk c uses child seed c of ``numpy.random.SeedSequence(seed)``, so the
         whole chunks of two simulations with this seed and ``chunk_cells`` are identical (the first
@@ -247,6 +286,8 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
         raise ParameterError(f"chunk_cells must be >= 1, got {chunk_cells!r}")
     if isinstance(like, SimulationParams):
         params = like
+    elif like in SYNTHETIC:
+        params = SYNTHETIC[like](seed=seed)
     else:
         reference, name = load_reference(like)
         params = fit_reference(reference, labels_key, name=name)

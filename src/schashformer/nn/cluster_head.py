@@ -28,12 +28,15 @@ class ClusterHead(nn.Module):
         return q / q.sum(1, keepdim=True)
 
 
-def target_distribution(q: torch.Tensor, frequencies: torch.Tensor | None = None) -> torch.Tensor:
-    """DEC target p_ij = q_ij^2 / f_j, normalised per cell (f_j = sum_i q_ij).
+def target_distribution(q: torch.Tensor, frequencies: torch.Tensor | None = None, balance: float = 1.0) -> torch.Tensor:
+    """DEC target p_ij = q_ij^2 / f_j^balance, normalised per cell (f_j = sum_i q_ij).
 
     ``frequencies`` (K,) gives f when ``q`` holds only some of the cells (f summed over processes).
+    ``balance`` 1 is DEC's target, which divides by the cluster's size and so favours clusters of
+    equal size; 0 only sharpens q, whatever the sizes.
     """
-    weight = q.pow(2) / (q.sum(0) if frequencies is None else frequencies)
+    f = q.sum(0) if frequencies is None else frequencies
+    weight = q.pow(2) / (f if balance == 1 else f.pow(balance))
     return weight / weight.sum(1, keepdim=True)
 
 
