@@ -37,7 +37,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from quality import SUITE  # noqa: E402  (the tuning suite is defined once, in quality.py)
+from quality import SUITE  # the tuning suite is defined once, in quality.py
 
 # The suite's sets of at least 1,000 cells (issue 19 asks K within 1.5x on each): name -> (file, label key);
 # X/Y h5 files get their labels as obs["label"]

@@ -189,7 +189,7 @@ def unequal_types(n_types: int = 10, n_genes: int = 2000, *, de_fraction: float 
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1.0, n_genes) + 1e-3
     log_props = np.tile(np.log(base), (n_types, 1))
-    n_de = max(1, int(round(de_fraction * n_genes)))
+    n_de = max(1, round(de_fraction * n_genes))
     for t in range(n_types):
         genes = rng.choice(n_genes, n_de, replace=False)
         log_props[t, genes] += rng.choice([-1.0, 1.0], n_de) * np.abs(rng.normal(0.0, de_log_fold, n_de) + de_log_fold)
