@@ -39,6 +39,7 @@ import quality  # noqa: E402  (the suite, its loader and the chance purity)
 from schashformer import SCHashFormer, buckets, engine  # noqa: E402
 from schashformer.data import CellData  # noqa: E402
 from schashformer.metrics import clustering_scores  # noqa: E402
+from schashformer.nn.local_attention import without_self  # noqa: E402
 from schashformer.preprocess import prepare  # noqa: E402
 
 DEFAULT_SETS = ("10X_PBMC_top2000", "mouse_bladder_cell_top2000", "worm_neuron_cell_top2000",
@@ -49,14 +50,10 @@ DEFAULT_SETS = ("10X_PBMC_top2000", "mouse_bladder_cell_top2000", "worm_neuron_c
 def attention_weights(encoder, tokens: torch.Tensor, mask: torch.Tensor, c: int) -> torch.Tensor:
     """Attention weights (chunks, heads, C, 2C) of the first block's queries, as in its forward pass."""
     block = encoder.blocks[0]
-    normed = block.ln_attn(encoder.input(tokens))
-    attn = block.attn
-    b, t, d = normed.shape
-    hd = d // attn.n_heads
-    q = attn.q(normed[:, -c:]).view(b, c, attn.n_heads, hd).transpose(1, 2)
-    k, _ = attn.kv(normed).view(b, t, 2, attn.n_heads, hd).permute(2, 0, 3, 1, 4)
-    scores = (q @ k.transpose(-2, -1) / hd**0.5).masked_fill(~mask[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    context = encoder.input(tokens)
+    if encoder.exclude_self:
+        mask = without_self(mask, c)
+    return block.attn.weights(block.ln_attn(context[:, -c:]), block.ln_attn(context), mask)[0]
 
 
 def diagnose(adata, y: np.ndarray, k: int, label_key: str, seed: int) -> dict:

@@ -516,7 +516,7 @@ class NeighbourhoodStage:
             p = None
             if with_kl:
                 p = target["p"][torch.from_numpy(cells.held_rows(query)).to(self.device)]
-            genes = loss_genes(self.decoder.mean.out_features, cfg, self.rng, self.device)
+            genes = loss_genes(counts.shape[1], cfg, self.rng, self.device)
             return loss_module(x, mask, counts, sf, onehot, p, share=len(query) / n_query, gather=comm.gather_rows,
                                genes=genes)
 

@@ -68,6 +68,8 @@ def check_types(params: dict, hints: dict) -> None:
 _AT_LEAST_1 = ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch", "d_model",
                "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch", "train_cells")
 _AT_LEAST_0 = ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs")
+# integer fields where None means "no limit" (every gene, no step cap)
+_NONE_OR_AT_LEAST = {"zinb_genes": 1, "stage1_steps_subsample": 0}
 
 
 def check_params(params: dict, hints: dict) -> None:
@@ -96,12 +98,10 @@ def check_params(params: dict, hints: dict) -> None:
         for name in names:
             if name in params and params[name] < low:
                 raise ParameterError(f"{name} must be >= {low}, got {params[name]}")
-    genes = params.get("zinb_genes")
-    if genes is not None and genes < 1:
-        raise ParameterError(f"zinb_genes must be None (every gene) or an integer >= 1, got {genes!r}")
-    steps = params.get("stage1_steps_subsample")
-    if steps is not None and steps < 0:
-        raise ParameterError(f"stage1_steps_subsample must be None or an integer >= 0, got {steps!r}")
+    for name, low in _NONE_OR_AT_LEAST.items():
+        value = params.get(name)
+        if value is not None and value < low:
+            raise ParameterError(f"{name} must be None or an integer >= {low}, got {value!r}")
     if "d_model" in params and "attn_heads" in params and params["d_model"] % params["attn_heads"]:
         raise ParameterError(f"d_model={params['d_model']} must be divisible by attn_heads={params['attn_heads']}")
     if "init" in params and params["init"] not in ("kmeans", "leiden"):
@@ -118,8 +118,8 @@ def check_params(params: dict, hints: dict) -> None:
 
 
 # float fields that must be >= 0 (weights, noise, rates); lr and tau must be > 0 (TrainConfig.validate)
-NON_NEGATIVE = ("input_noise", "query_noise", "target_balance", "w_zinb", "w_contrastive", "bucket_weight", "w_balance", "w_quantisation",
-                "w_consistency", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
+NON_NEGATIVE = ("input_noise", "query_noise", "target_balance", "w_zinb", "w_contrastive", "bucket_weight",
+                "w_balance", "w_quantisation", "w_consistency", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
 SEED_MAX = 2**32 - 1  # numpy's legacy generator and scikit-learn's random_state accept [0, 2**32 - 1]
 
 

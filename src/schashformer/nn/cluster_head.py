@@ -36,7 +36,7 @@ def target_distribution(q: torch.Tensor, frequencies: torch.Tensor | None = None
     equal size; 0 only sharpens q, whatever the sizes.
     """
     f = q.sum(0) if frequencies is None else frequencies
-    weight = q.pow(2) / (f if balance == 1 else f.pow(balance))
+    weight = q.pow(2) / f.pow(balance)
     return weight / weight.sum(1, keepdim=True)
 
 

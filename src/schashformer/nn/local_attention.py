@@ -30,8 +30,9 @@ class LocalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.max_scores_numel = 0
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """queries (B, C, d), keys (B, T, d), key_mask (B, T) or per query (B, C, T), True = attend -> (B, C, d)."""
+    def weights(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights (B, heads, C, T) of queries (B, C, d) over keys (B, T, d) before dropout, and
+        the values (B, heads, T, d / heads); key_mask (B, T) or per query (B, C, T), True = attend."""
         b, c, d = queries.shape
         t, hd = keys.shape[1], d // self.n_heads
         q = self.q(queries).view(b, c, self.n_heads, hd).transpose(1, 2)
@@ -39,9 +40,13 @@ class LocalAttention(nn.Module):
         scores = q @ k.transpose(-2, -1) / hd**0.5  # (B, heads, C, T)
         self.max_scores_numel = max(self.max_scores_numel, scores.numel())
         allowed = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        attn = self.dropout(F.softmax(scores, dim=-1))
-        return self.out((attn @ v).transpose(1, 2).reshape(b, c, d))
+        return F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), v
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """queries (B, C, d), keys (B, T, d), key_mask as in :meth:`weights` -> (B, C, d)."""
+        b, c, d = queries.shape
+        attn, v = self.weights(queries, keys, key_mask)
+        return self.out((self.dropout(attn) @ v).transpose(1, 2).reshape(b, c, d))
 
 
 def without_self(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
