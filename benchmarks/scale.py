@@ -53,7 +53,7 @@ def dataset(n: int, largest: int, data_dir: Path, like: str, seed: int) -> Path:
     big = data_dir / f"{like}_{largest}_seed{seed}.h5ad"
     if not big.exists():
         print(f"simulating {largest} cells like {like} -> {big}", flush=True)
-        simulate(largest, like=like, seed=seed, out=big, progress=True)
+        simulate(largest, like=like, seed=seed, out=big, progress=True, workers=None)
     if n == largest:
         return big
     path = data_dir / f"{like}_{n}_seed{seed}.h5ad"

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from schashformer import io, tl
 from schashformer.annotate import DEFAULT_CLASS_BALANCE, DEFAULT_SPACE, UNKNOWN, hash_candidates, sort_keys, vote
 from schashformer.cli import main
+from schashformer.engine import tie_break_keys
 from schashformer.errors import InputError, ParameterError
 from tests.conftest import FAST, simulate_counts
 
@@ -119,7 +120,7 @@ def test_hash_candidates_are_sort_neighbours_not_all_pairs():
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 16, size=(1000, 3))
     h = rng.random((1000, 3, 4))
-    keys = sort_keys(codes, h)
+    keys = sort_keys(codes, tie_break_keys(h))
     cand = hash_candidates(keys, keys[:50], window=5)
     assert cand.shape == (50, 3 * 2 * 5)  # bounded by heads x window, whatever the number of reference cells
     for i in range(50):

@@ -1,6 +1,7 @@
 """The reference-fitted count simulator (issue 4): fitted parameters, reproducibility, chunked writing."""
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -65,6 +66,18 @@ def test_written_in_chunks_equals_in_memory(params, tmp_path):
         simulate(10, like=params, out=path)
     with pytest.raises(ParameterError):
         simulate(0, like=params)
+
+
+def test_parallel_workers_write_the_same_file(params, tmp_path):
+    one = simulate(700, like=params, seed=5, out=tmp_path / "one.h5ad", chunk_cells=128, workers=1)
+    two = simulate(700, like=params, seed=5, out=tmp_path / "two.h5ad", chunk_cells=128, workers=2)
+    a, b = ad.read_h5ad(one), ad.read_h5ad(two)
+    assert a.X.nnz > 0 and (a.X != b.X).nnz == 0
+    assert np.array_equal(a.obs["cell_type"].astype(str), b.obs["cell_type"].astype(str))
+    with h5py.File(two) as f:  # room for more than 2^31 non-zeros (10^7 cells)
+        assert f["X/indptr"].dtype == np.int64
+    with pytest.raises(ParameterError, match="workers"):
+        simulate(10, like=params, workers=0)
 
 
 def test_unequal_types_are_unequal_shallow_and_modestly_different():

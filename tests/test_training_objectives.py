@@ -73,6 +73,24 @@ def test_excluded_own_key_does_not_reach_the_query_but_reaches_its_neighbours():
     assert not torch.allclose(z_moved[0, 1:], z[0, 1:])  # its chunk mates do
 
 
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_consecutive_chunks_share_key_projections_with_the_same_result(exclude_self):
+    torch.manual_seed(1)
+    enc = NeighbourhoodEncoder(8, d_model=16, n_heads=2, n_latent=8, n_layers=2, dropout=0.0, token_residual=True,
+                               exclude_self=exclude_self).eval()
+    torch.nn.init.normal_(enc.to_latent[1].weight)
+    c, order = 4, torch.randn(21, 8)  # 21 sorted cells: 6 chunks, the last one padded
+    chunks = torch.cat([torch.arange(21), torch.full((3,), -1)]).view(6, c)
+    rows = torch.cat([torch.full((1, c), -1), chunks])  # chunk 0 has no look-back
+    ids = torch.cat([rows[:-1], rows[1:]], 1)  # (6, 2C): look-back then chunk, as buckets.with_lookback
+    x, mask = order[ids.clamp(min=0)], ids >= 0
+    z = enc(x, mask, c)
+    torch.testing.assert_close(enc(x, mask, c, consecutive=True), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enc(x[2:], mask[2:], c, consecutive=True), z[2:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2C"):
+        enc(x[:, c // 2:], mask[:, c // 2:], c, consecutive=True)
+
+
 def test_query_noise_zero_is_the_plain_fit():
     """query_noise 0 and zinb_genes None are today's fit exactly (the defaults add no random draws)."""
     adata = simulate_counts(n_cells=200, n_genes=100, seed=3)

@@ -59,13 +59,13 @@ class Mapped:
     tokens: np.ndarray  # (cells, token width) stage-2 tokens: stage-1 hidden layer + scaled principal components
 
 
-def sort_keys(codes: np.ndarray, h: np.ndarray) -> np.ndarray:
+def sort_keys(codes: np.ndarray, ties: np.ndarray) -> np.ndarray:
     """(cells, heads) scalar keys whose order is :func:`schashformer.engine.sorted_orders`' order.
 
-    The continuous tie-break ``h @ 2^-i`` lies in [0, 2), so ``code * 4 + tie`` sorts by code first.
+    The continuous tie-break (:func:`schashformer.engine.tie_break_keys`) lies in [0, 2), so
+    ``code * 4 + tie`` sorts by code first.
     """
-    tie = h @ (2.0 ** -np.arange(h.shape[2]))
-    return codes.astype(np.float64) * 4.0 + tie
+    return codes.astype(np.float64) * 4.0 + ties
 
 
 def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str = "query") -> Mapped:
@@ -87,8 +87,9 @@ def map_cells(model, adata: ad.AnnData, *, layer: str | None = None, where: str 
     data = CellData(prep, device=model.head_.centres.device)
     codes, h, hidden = engine.hash_cells(model.indexer_, data, model.config.infer_batch)
     tokens, _ = engine.token_features(prep, hidden, model.token_axes_, model.token_scale_)
-    z = engine.embed_tokens(model.encoder_, tokens, codes, h, model.config, data.device)
-    return Mapped(prep, codes, sort_keys(codes, h), z, tokens)
+    ties = engine.tie_break_keys(h)
+    z = engine.embed_tokens(model.encoder_, tokens, engine.sorted_orders(codes, ties), model.config, data.device)
+    return Mapped(prep, codes, sort_keys(codes, ties), z, tokens)
 
 
 def reference_pcs(ref: Prepared, qry: Prepared, n_comps: int = VOTE_PCS,

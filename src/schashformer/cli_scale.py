@@ -28,6 +28,8 @@ def add_parsers(sub) -> None:
                           "very unequal size, modest differences) or a labeled count file (labels in obs['label'])")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    sim.add_argument("--workers", type=int, default=None,
+                     help="processes drawing chunks at once (default: one per CPU core; the output does not depend on it)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     cluster = sub.choices.get("cluster")
     if cluster is not None:
@@ -41,7 +43,7 @@ def main(args) -> int:
 
     start = time.perf_counter()
     path = simulate(args.cells, like=args.like, seed=args.seed, out=args.out, overwrite=args.overwrite,
-                    progress=not args.quiet)
+                    progress=not args.quiet, workers=args.workers)
     print(f"wrote {path}: {args.cells} cells like {args.like} (seed {args.seed}) in {time.perf_counter() - start:.1f} s")
     return 0
 

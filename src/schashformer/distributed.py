@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from . import app, buckets, engine, errors, io
 from .data import CellData
-from .engine import Comm, LocalChunks
+from .engine import Comm, HomeSum, LocalChunks
 from .errors import InputError, ParameterError, SCHashFormerError
 from .model import SCHashFormer
 from .preprocess import prepare
@@ -433,6 +433,9 @@ class ShardedChunks(LocalChunks):
         lo, hi = self.bounds[self.ctx.rank], self.bounds[self.ctx.rank + 1]
         return np.arange(lo // self.chunk_size, -(-hi // self.chunk_size)) if hi > lo else np.zeros(0, np.int64)
 
+    def home_sum(self, z_home: np.ndarray, order: np.ndarray) -> HomeSum:
+        return ExchangedHomeSum(self, z_home, order)
+
     def to_home(self, z: np.ndarray, query: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Send each query cell's z to its home rank (one exchange per hash head)."""
         sorter = np.argsort(query)
@@ -442,6 +445,23 @@ class ShardedChunks(LocalChunks):
         pos = np.empty(len(order), dtype=np.int64)
         pos[order] = np.arange(len(order))
         return store.fetch(z[sorter], want, owner_of(self.bounds, pos[want]))
+
+
+class ExchangedHomeSum(HomeSum):
+    """One hash head's z of this rank's query cells, collected and, on :meth:`close`, sent to each
+    cell's home rank (one exchange per head) and added to its row there."""
+
+    def __init__(self, cells: ShardedChunks, z_home: np.ndarray, order: np.ndarray):
+        super().__init__(z_home)
+        self.cells, self.order = cells, order
+        self.zs, self.queries = [np.zeros((0, z_home.shape[1]), np.float32)], [np.zeros(0, np.int64)]
+
+    def add(self, z: np.ndarray, query: np.ndarray) -> None:
+        self.zs.append(z)
+        self.queries.append(query)
+
+    def close(self) -> None:
+        self.z_home += self.cells.to_home(np.concatenate(self.zs), np.concatenate(self.queries), self.order)
 
 
 # ----------------------------------------------------------------------------- the fit

@@ -441,11 +441,23 @@ class LocalChunks:
         """Ids of the chunks (cut at shift 0) whose embedding this process computes."""
         return np.arange(-(-len(order) // self.chunk_size))
 
-    def to_home(self, z: np.ndarray, query: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """z (n, latent) of the query cells ``query`` -> (home cells, latent), each cell's row at home."""
-        out = np.zeros((self.n_home, z.shape[1]), dtype=np.float32)
-        out[query] = z
-        return out
+    def home_sum(self, z_home: np.ndarray, order: np.ndarray) -> HomeSum:
+        """Adds the z of query cells into their rows of ``z_home`` (home cells, latent) as they come."""
+        return HomeSum(z_home)
+
+
+class HomeSum:
+    """Accumulates one hash head's z (query cells, latent) into ``z_home`` batch by batch: every
+    cell is held here, so nothing is kept between batches (out-of-core inference needs that)."""
+
+    def __init__(self, z_home: np.ndarray):
+        self.z_home = z_home
+
+    def add(self, z: np.ndarray, query: np.ndarray) -> None:
+        self.z_home[query] += z
+
+    def close(self) -> None:
+        pass
 
 
 class NeighbourhoodStage:
@@ -549,13 +561,15 @@ class NeighbourhoodStage:
         for order in self.orders:
             chunks = buckets.chunk_index(order, c)
             owned = self.cells.owned_chunks(order)
-            zs, queries = [np.zeros((0, self.encoder.n_latent), np.float32)], [np.zeros(0, np.int64)]
+            home = self.cells.home_sum(z_home, order)
             for s in range(0, len(owned), per_batch):
-                x, mask, query = self.cells.inputs(buckets.with_lookback(chunks, owned[s:s + per_batch]))
-                zs.append(loss.embed(x, mask).cpu().numpy())
-                queries.append(query)
-            z_home += self.cells.to_home(np.concatenate(zs), np.concatenate(queries), order)
-        return z_home / len(self.orders)
+                ids = owned[s:s + per_batch]
+                x, mask, query = self.cells.inputs(buckets.with_lookback(chunks, ids))
+                consecutive = bool(np.all(np.diff(ids) == 1))  # each chunk's key projections computed once
+                home.add(loss.embed(x, mask, consecutive=consecutive).cpu().numpy(), query)
+            home.close()
+        z_home /= len(self.orders)
+        return z_home
 
     @torch.no_grad()
     def soft_assign(self, z: np.ndarray | None = None) -> np.ndarray:
@@ -763,12 +777,12 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
                      token_axes, token_scale, history + stage2.history, rates)
 
 
-def embed_tokens(encoder: NeighbourhoodEncoder, tokens: np.ndarray, codes: np.ndarray, h: np.ndarray,
+def embed_tokens(encoder: NeighbourhoodEncoder, tokens: np.ndarray, orders: list[np.ndarray],
                  cfg: TrainConfig, device: torch.device) -> np.ndarray:
-    """Embedding z (cells, latent) of cells from their tokens and hash codes (inference in one process)."""
+    """Embedding z (cells, latent) of cells from their tokens and hash-sorted orders (:func:`sorted_orders`),
+    inference in one process. ``tokens`` is read in place (not copied) on the CPU."""
     cells = LocalChunks(tokens, None, cfg.chunk_size, device)
-    stage = NeighbourhoodStage(encoder, None, None, cells, sorted_orders(codes, tie_break_keys(h)), cfg, None)
-    return stage.embed()
+    return NeighbourhoodStage(encoder, None, None, cells, orders, cfg, None).embed()
 
 
 def build_stage2(cfg: TrainConfig, token_width: int, n_genes: int, n_batches: int,

@@ -316,7 +316,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         cfg, device = self.config, self.head_.centres.device
         codes, h, hidden = engine.hash_cells(self.indexer_, CellData(prep, device=device), cfg.infer_batch)
         tokens, _ = engine.token_features(prep, hidden, self.token_axes_, self.token_scale_)
-        return engine.embed_tokens(self.encoder_, tokens, codes, h, cfg, device)
+        return engine.embed_tokens(self.encoder_, tokens, engine.sorted_orders(codes, engine.tie_break_keys(h)), cfg, device)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:

@@ -255,11 +255,13 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
 
     device = next(model.indexer_.parameters()).device
     # batches enter only the ZINB decoders (training): inference needs none
-    codes, h, tokens, cell_mask = hash_all(model, source, chunk_rows=chunk_rows)
+    codes, ties, tokens, cell_mask = hash_all(model, source, chunk_rows=chunk_rows)
     done("hash_all")
 
-    z = encode_all(model, tokens, codes, h, device)
-    del tokens
+    orders = engine.sorted_orders(codes, ties)
+    del ties
+    z = encode_all(model, tokens, orders, device)
+    del tokens, orders
     done("encode_all")
     labels = assign_all(model, z, device)
     done("assign_all")
@@ -309,45 +311,53 @@ def standardise(logn: sp.csr_matrix, stats: GeneStats) -> np.ndarray:
 
 @torch.no_grad()
 def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
-    """Second pass: bucket ids (cells, H), continuous codes (cells, H, b), tokens (cells, T), kept-cell mask.
+    """Second pass: bucket ids (cells, H), tie-break keys (cells, H), tokens (cells, T), kept-cell mask.
 
     Each chunk is log-normalised on the model's genes (:func:`chunk_logn`), standardised one
     minibatch at a time, hashed by the stage-1 indexer and projected on the token principal axes;
-    only per-cell results are kept.
+    only per-cell results are kept, written into arrays allocated once for all cells (no list of
+    parts and no concatenated copy: at 10^7 cells the tokens alone take 2 GB). The continuous
+    codes (cells, H, bits) are reduced to their tie-break keys (:func:`engine.tie_break_keys`)
+    as they come, the only use inference has for them.
     """
     indexer, cfg, stats = model.indexer_, model.config, model.stats_
     indexer.eval()
     device = next(indexer.parameters()).device
     axes = None if model.token_axes_ is None else torch.from_numpy(model.token_axes_).to(device)
-    n_heads, n_bits = indexer.n_heads, indexer.n_bits
     columns = source.var_names.get_indexer(stats.genes)
     if (columns < 0).any():
         missing = str(stats.genes[np.flatnonzero(columns < 0)[0]])
         raise InputError(f"{source.where}: {int((columns < 0).sum())} of the model's genes are missing (e.g. {missing!r})")
-    codes, hs, toks, masks = [], [], [], []
+    n, n_heads = source.n_obs, indexer.n_heads
+    codes = np.empty((n, n_heads), np.int64)
+    ties = np.empty((n, n_heads), np.float64)
+    tokens = np.empty((n, model.encoder_.n_latent), np.float32)
+    cell_mask = np.zeros(n, bool)
+    kept = 0
     for start, block in source.chunks(chunk_rows, "hashing all cells", model.progress):
         logn, keep = chunk_logn(block, columns)
-        masks.append(keep)
+        cell_mask[start:start + len(keep)] = keep
         for s in range(0, logn.shape[0], cfg.infer_batch):
             x = torch.from_numpy(standardise(logn[s:s + cfg.infer_batch], stats)).to(device)
             with _autocast(device):
                 hidden, h = indexer(x)
                 pcs = None if axes is None else x @ axes
             hidden, h = hidden.float(), h.float()
-            codes.append(indexer.codes(h).cpu().numpy())
-            hs.append(h.cpu().numpy().astype(np.float32))
+            rows = slice(kept, kept + len(x))
+            codes[rows] = indexer.codes(h).cpu().numpy()
+            ties[rows] = engine.tie_break_keys(h.cpu().numpy())
             tok = hidden if pcs is None else torch.cat([hidden, model.token_scale_ * pcs.float()], 1)
-            toks.append(tok.cpu().numpy().astype(np.float32))
-    cat = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.float32)  # noqa: E731
-    return (cat(codes, (0, n_heads)).astype(np.int64), cat(hs, (0, n_heads, n_bits)),
-            cat(toks, (0, model.encoder_.n_latent)), np.concatenate(masks))
+            tokens[rows] = tok.cpu().numpy()
+            kept += len(x)
+    # views, not copies, of the kept cells' rows
+    return codes[:kept], ties[:kept], tokens[:kept], cell_mask
 
 
 @torch.no_grad()
-def encode_all(model, tokens: np.ndarray, codes: np.ndarray, h: np.ndarray, device: torch.device) -> np.ndarray:
+def encode_all(model, tokens: np.ndarray, orders: list[np.ndarray], device: torch.device) -> np.ndarray:
     """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells."""
     # float32 here: the attention pass is small per token (52-d tokens, d_model 256) and its output is the embedding
-    return engine.embed_tokens(model.encoder_, tokens, codes, h, model.config, device).astype(np.float32)
+    return engine.embed_tokens(model.encoder_, tokens, orders, model.config, device).astype(np.float32, copy=False)
 
 
 @torch.no_grad()

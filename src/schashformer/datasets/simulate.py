@@ -28,6 +28,9 @@ append) without ever holding a dense cells x genes matrix or the whole sparse on
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,7 +260,7 @@ def _chunk(params: SimulationParams, n: int, rng: np.random.Generator) -> tuple[
 
 def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int = 0, out: str | Path | None = None,
              overwrite: bool = False, chunk_cells: int = _CHUNK_CELLS, labels_key: str = "label",
-             progress: bool = False):
+             progress: bool = False, workers: int | None = 1):
     """Simulate ``n_cells`` cells like a real labeled data set.
 
     Parameters
@@ -275,6 +278,8 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
     overwrite : replace an existing ``out``.
     chunk_cells : cells generated per chunk (memory ~ chunk_cells x genes x 16 bytes).
     labels_key : ``obs`` column of the cell types when ``like`` is a file.
+    workers : processes drawing chunks at once (None: one per CPU core). The result does not depend
+        on it: each chunk has its own seed and chunks are written in order.
 
     Returns
     -------
@@ -284,6 +289,8 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
         raise ParameterError(f"n_cells must be an integer >= 1, got {n_cells!r}")
     if chunk_cells < 1:
         raise ParameterError(f"chunk_cells must be >= 1, got {chunk_cells!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1):
+        raise ParameterError(f"workers must be None or an integer >= 1, got {workers!r}")
     if isinstance(like, SimulationParams):
         params = like
     elif like in SYNTHETIC:
@@ -295,10 +302,15 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
     var = pd.DataFrame(index=pd.Index(params.gene_names, name=None))
     cats = list(params.type_names)
 
+    sizes = [min(chunk_cells, n_cells - c * chunk_cells) for c in range(len(seeds))]
+    n_workers = min(len(seeds), (os.cpu_count() or 1) if workers is None else workers)
+
     def chunks():
-        for c, ss in enumerate(seeds):
-            n = min(chunk_cells, n_cells - c * chunk_cells)
-            yield _chunk(params, n, np.random.default_rng(ss))
+        if n_workers <= 1:
+            for n, ss in zip(sizes, seeds):
+                yield _chunk(params, n, np.random.default_rng(ss))
+            return
+        yield from _parallel_chunks(params, sizes, seeds, n_workers)
 
     if out is None:
         xs, ts = zip(*chunks())
@@ -312,6 +324,26 @@ def simulate(n_cells: int, *, like: str | SimulationParams = "PBMC", seed: int =
     return _write_chunks(out, chunks(), n_cells, var, cats, params, seed, progress)
 
 
+def _seeded_chunk(params: SimulationParams, n: int, seed: np.random.SeedSequence):
+    return _chunk(params, n, np.random.default_rng(seed))
+
+
+def _parallel_chunks(params: SimulationParams, sizes: list[int], seeds: list, workers: int):
+    """The chunks of :func:`simulate` in order, drawn by ``workers`` processes.
+
+    At most two chunks per worker are in flight, so memory stays a few chunks however many there
+    are (``Executor.map`` would submit them all at once and hold every result not yet written).
+    """
+    with ProcessPoolExecutor(workers) as pool:
+        pending = deque()
+        for n, ss in zip(sizes, seeds):
+            pending.append(pool.submit(_seeded_chunk, params, n, ss))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _write_chunks(out: Path, chunks, n_cells: int, var: pd.DataFrame, cats: list, params: SimulationParams,
                   seed: int, progress: bool) -> Path:
     """Write an AnnData file from (CSR, types) chunks with anndata's on-disk sparse append; atomic rename."""
@@ -323,6 +355,9 @@ def _write_chunks(out: Path, chunks, n_cells: int, var: pd.DataFrame, cats: list
         bar = tqdm(total=n_cells, desc="simulate", unit="cells", disable=not progress)
         for x, t in chunks:
             if pos == 0:
+                # 64-bit indptr: 10^7 cells x a few hundred non-zeros pass 2^31, and anndata's append
+                # refuses to grow a 32-bit one past it
+                x.indptr = x.indptr.astype(np.int64)
                 write_elem(f, "X", x, dataset_kwargs={"chunks": (1 << 18,)})  # resizable (anndata), 1 MiB chunks
                 xs = sparse_dataset(f["X"])
             else:

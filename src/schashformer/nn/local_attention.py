@@ -11,6 +11,8 @@ with the number of cells.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,23 +32,35 @@ class LocalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.max_scores_numel = 0
 
-    def weights(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+                expand: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention weights (B, heads, C, T) of queries (B, C, d) over keys (B, T, d) before dropout, and
-        the values (B, heads, T, d / heads); key_mask (B, T) or per query (B, C, T), True = attend."""
+        the values (B, heads, T, d / heads); key_mask (B, T) or per query (B, C, T), True = attend.
+        ``expand``: keys are given once per distinct token and this maps their projections to (B, T, 2d)
+        (:func:`lookback_expand`)."""
         b, c, d = queries.shape
-        t, hd = keys.shape[1], d // self.n_heads
+        hd = d // self.n_heads
         q = self.q(queries).view(b, c, self.n_heads, hd).transpose(1, 2)
-        k, v = self.kv(keys).view(b, t, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)
+        kv = self.kv(keys) if expand is None else expand(self.kv(keys))
+        t = kv.shape[1]
+        k, v = kv.view(b, t, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-2, -1) / hd**0.5  # (B, heads, C, T)
         self.max_scores_numel = max(self.max_scores_numel, scores.numel())
         allowed = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         return F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), v
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """queries (B, C, d), keys (B, T, d), key_mask as in :meth:`weights` -> (B, C, d)."""
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+                expand: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """queries (B, C, d), keys (B, T, d), key_mask and ``expand`` as in :meth:`weights` -> (B, C, d)."""
         b, c, d = queries.shape
-        attn, v = self.weights(queries, keys, key_mask)
+        attn, v = self.weights(queries, keys, key_mask, expand)
         return self.out((self.dropout(attn) @ v).transpose(1, 2).reshape(b, c, d))
+
+
+def lookback_expand(per_chunk: torch.Tensor) -> torch.Tensor:
+    """(B + 1, C, ...) values of consecutive chunks, the first being the look-back of the second ->
+    (B, 2C, ...): each chunk's look-back then itself, the layout of :func:`schashformer.buckets.with_lookback`."""
+    return torch.cat([per_chunk[:-1], per_chunk[1:]], 1)
 
 
 def without_self(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
@@ -98,24 +112,35 @@ class NeighbourhoodEncoder(nn.Module):
             nn.init.zeros_(self.to_latent[1].bias)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, n_query: int,
-                query_x: torch.Tensor | None = None) -> torch.Tensor:
+                query_x: torch.Tensor | None = None, consecutive: bool = False) -> torch.Tensor:
         """x (B, T, genes) with the C = n_query query cells last; key_mask (B, T) -> z (B, C, n_latent).
 
         The first T - C tokens are context only (the previous chunk). Every block's keys and values are
         the input tokens of all T positions; only the query stream is updated block by block.
         ``query_x`` (B, C, genes): the queries' own input instead of ``x``'s last C rows (a corrupted
         copy in training, :class:`schashformer.nn.losses.NeighbourhoodLoss`), while the keys keep ``x``.
+        ``consecutive``: the rows are consecutive chunks of one order with T = 2C, so row j's look-back
+        is row j - 1's chunk (inference passes them so); every token's key and value projections are
+        then computed once instead of twice, a fifth of the pass.
         """
         c = n_query
         if not self.attention:  # context tokens are only ever read by attention: drop them
             x, key_mask = x[:, -c:], key_mask[:, -c:]
         own = x[:, -c:] if query_x is None else query_x
-        context = self.input(x)
-        query = context[:, -c:] if query_x is None else self.input(query_x)
+        expand = None
+        if self.attention and consecutive:
+            if x.shape[1] != 2 * c:
+                raise ValueError(f"consecutive chunks need 2C = {2 * c} tokens per row, got {x.shape[1]}")
+            expand = lookback_expand
+            context = self.input(torch.cat([x[:1, :c], x[:, -c:]]))  # (B + 1, C, d): each chunk once
+            query = context[1:] if query_x is None else self.input(query_x)
+        else:
+            context = self.input(x)
+            query = context[:, -c:] if query_x is None else self.input(query_x)
         if self.attention and self.exclude_self:
             key_mask = without_self(key_mask, c)
         for block in self.blocks:
-            query = block(query, context, key_mask, attend=self.attention)
+            query = block(query, context, key_mask, attend=self.attention, expand=expand)
         z = self.to_latent(query)
         return own + z if self.token_residual else z
 
@@ -135,8 +160,9 @@ class _Block(nn.Module):
                                 nn.Linear(2 * d_model, d_model))
 
     def forward(self, query: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor,
-                attend: bool = True) -> torch.Tensor:
-        """query (B, C, d) attends over context (B, T, d) -> updated query (B, C, d); ``attend=False`` skips attention."""
+                attend: bool = True, expand: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """query (B, C, d) attends over context (B, T, d) -> updated query (B, C, d); ``attend=False`` skips
+        attention; ``expand`` as in :meth:`LocalAttention.weights`."""
         if attend:
-            query = query + self.attn(self.ln_attn(query), self.ln_attn(context), key_mask)
+            query = query + self.attn(self.ln_attn(query), self.ln_attn(context), key_mask, expand)
         return query + self.ff(self.ln_ff(query))

@@ -134,11 +134,13 @@ class NeighbourhoodLoss(nn.Module):
         """Weight of each term in the loss (for the reported total)."""
         return {"zinb": self.w_zinb, "consistency": self.w_consistency, "kl": self.w_kl}
 
-    def embed(self, x: torch.Tensor, mask: torch.Tensor, query_x: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, mask: torch.Tensor, query_x: torch.Tensor | None = None,
+              consecutive: bool = False) -> torch.Tensor:
         """Tokens (chunks, 2C, width) with key mask (chunks, 2C) -> z of the present query cells (n, latent);
-        ``query_x`` (chunks, C, width) replaces the queries' own tokens (not the keys)."""
+        ``query_x`` (chunks, C, width) replaces the queries' own tokens (not the keys); ``consecutive`` as
+        in :meth:`NeighbourhoodEncoder.forward`."""
         c = self.chunk_size
-        return self.encoder(x, mask, n_query=c, query_x=query_x)[mask[:, -c:]]
+        return self.encoder(x, mask, n_query=c, query_x=query_x, consecutive=consecutive)[mask[:, -c:]]
 
     def corrupted_queries(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The queries' tokens plus Gaussian noise of sd ``query_noise`` x their rms entry (None when 0)."""
