@@ -102,11 +102,13 @@ def test_fit_out_of_core_labels_every_cell(big_sim, tmp_path):
     keep = model.labels_ >= 0
     assert adjusted_rand_score(truth[keep], model.labels_[keep]) > 0.8
     # the streamed passes (hash, encode, assign chunk by chunk) give every cell what the trained model
-    # gives it in memory
+    # gives it in memory, up to the float16 rounding of the stored tokens (~5e-4 of their size)
     z_mem = model.transform(big_sim)
     assert z_mem.shape == model.embedding_.shape
-    np.testing.assert_allclose(z_mem, model.embedding_, rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(model.predict(big_sim), model.labels_)
+    scale = np.abs(z_mem).max()
+    np.testing.assert_allclose(z_mem, model.embedding_, rtol=0, atol=5e-3 * scale)
+    assert np.abs(z_mem - model.embedding_).mean() < 1e-3 * scale
+    assert (model.predict(big_sim) == model.labels_).mean() > 0.99
 
 
 def test_memory_guard_refuses_before_reading(big_sim, monkeypatch):
@@ -149,8 +151,9 @@ def test_mixed_precision_hashing_pass(big_sim, monkeypatch):
     assert (codes == model.codes_[mask]).all(1).mean() > 0.99
     monkeypatch.setattr(streaming, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     codes16, ties16, tokens16, mask16 = streaming.hash_all(model, src, chunk_rows=128)
-    assert tokens16.dtype == np.float32 and ties16.dtype == np.float64 and np.array_equal(mask, mask16)
+    assert tokens16.dtype == np.float16 and ties16.dtype == np.float64 and np.array_equal(mask, mask16)
     assert (codes16 == codes).mean() > 0.8
+    tokens, tokens16 = tokens.astype(np.float32), tokens16.astype(np.float32)
     assert np.abs(tokens16 - tokens).mean() < 0.1 * np.abs(tokens).mean()
 
 

@@ -422,7 +422,8 @@ class LocalChunks:
         """Token ids (chunks, 2C) -> tokens (chunks, 2C, width), key mask (chunks, 2C), query ids (n,)."""
         c = self.chunk_size
         mask = tokens >= 0
-        x = self.features[torch.from_numpy(self.held_rows(np.where(mask, tokens, 0))).to(self.device)]
+        # float() : tokens may be held in float16 (out-of-core inference); a no-op on float32
+        x = self.features[torch.from_numpy(self.held_rows(np.where(mask, tokens, 0))).to(self.device)].float()
         return x, torch.from_numpy(mask).to(self.device), tokens[:, -c:][mask[:, -c:]]
 
     def held_rows(self, ids: np.ndarray) -> np.ndarray:

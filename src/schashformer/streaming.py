@@ -316,9 +316,13 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
     Each chunk is log-normalised on the model's genes (:func:`chunk_logn`), standardised one
     minibatch at a time, hashed by the stage-1 indexer and projected on the token principal axes;
     only per-cell results are kept, written into arrays allocated once for all cells (no list of
-    parts and no concatenated copy: at 10^7 cells the tokens alone take 2 GB). The continuous
-    codes (cells, H, bits) are reduced to their tie-break keys (:func:`engine.tie_break_keys`)
-    as they come, the only use inference has for them.
+    parts and no concatenated copy). The continuous codes (cells, H, bits) are reduced to their
+    tie-break keys (:func:`engine.tie_break_keys`) as they come, the only use inference has for them.
+
+    Tokens are stored in float16 (the attention pass reads them back as float32): with the float32
+    embedding beside them they are the largest per-cell arrays (2 GB in float32 at 10^7 cells), and
+    float16's ~5e-4 relative rounding is far below the distances that separate cells (z moves by
+    ~1e-3; the 10^6-cell ARI is unchanged, docs/BENCHMARKS.md).
     """
     indexer, cfg, stats = model.indexer_, model.config, model.stats_
     indexer.eval()
@@ -331,7 +335,7 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
     n, n_heads = source.n_obs, indexer.n_heads
     codes = np.empty((n, n_heads), np.int64)
     ties = np.empty((n, n_heads), np.float64)
-    tokens = np.empty((n, model.encoder_.n_latent), np.float32)
+    tokens = np.empty((n, model.encoder_.n_latent), np.float16)
     cell_mask = np.zeros(n, bool)
     kept = 0
     for start, block in source.chunks(chunk_rows, "hashing all cells", model.progress):
@@ -379,8 +383,9 @@ def out_of_core_bytes(source: CountSource, train_cells: int, n_clusters: int, cf
         4 * sub_nnz * resources.CSR_BYTES_PER_VALUE
     chunk = int(CHUNK_ROWS * nnz_per_row * resources.CSR_BYTES_PER_VALUE * 3)
     token = cfg.hash_latent + cfg.token_pcs
-    bits = cfg.bits_for(train_cells)
-    per_cell = 4 * (2 * token + cfg.hash_heads * bits) + 8 * cfg.hash_heads * 2 + 8
+    # float32 tokens and z; int64 codes, float64 tie-break keys and int64 sorted orders per head; one
+    # head's int64 chunk table; the kept-cell mask (hash_all, encode_all)
+    per_cell = 4 * 2 * token + 8 * 3 * cfg.hash_heads + 8 + 1
     return int(sub + chunk + source.n_obs * per_cell)
 
 

@@ -115,11 +115,12 @@ def write_results(adata: ad.AnnData, model: SCHashFormer, *, key_added: str = "s
     ``checksum`` defaults to :func:`schashformer.record.data_checksum` of the counts in ``layer``;
     ``counts_from`` names where the counts were read (default ``.X`` or ``layer``).
     """
-    labels = pd.Categorical(np.where(model.labels_ >= 0, model.labels_.astype(str), None),
-                            categories=[str(k) for k in range(model.n_clusters_)])
+    # from the integer codes: no string per cell (10^7 cells would take ~1 GB of them); -1 = missing
+    labels = pd.Categorical.from_codes(np.where(model.labels_ >= 0, model.labels_, -1),
+                                       categories=[str(k) for k in range(model.n_clusters_)])
     adata.obs[key_added] = labels
-    adata.obsm[f"X_{key_added}"] = model.embedding_.astype(np.float32)
-    adata.obsm[f"{key_added}_codes"] = model.codes_.astype(np.int64)
+    adata.obsm[f"X_{key_added}"] = model.embedding_.astype(np.float32, copy=False)
+    adata.obsm[f"{key_added}_codes"] = model.codes_.astype(np.int64, copy=False)
     run = {
         "version": __version__,
         "versions": record.versions(),
