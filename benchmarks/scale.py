@@ -17,7 +17,7 @@ run at larger sizes (recorded as SKIPPED):
 - ``scanpy_textbook``: the same with ``sc.pp.scale(max_value=10)`` before PCA (densifies).
 
 Per run: wall time of the whole subprocess (start-up and imports included), per-stage seconds and
-peak resident memory (ru_maxrss after each stage), the sampled peak of the process tree, ARI/NMI
+peak resident memory (the process's VmHWM after each stage), the sampled peak of the process tree, ARI/NMI
 against the simulated types. Outputs under ``--out`` (default ``benchmarks/results``): ``scale.csv``
 (rewritten after every run, so a partial run leaves its rows), ``scale.md`` (table, log-log slopes
 of time and memory between 10^5 and 10^6 cells, commands), ``time_vs_cells.png``, ``memory_vs_cells.png``.
@@ -78,9 +78,9 @@ def head_h5ad(src: Path, n: int, dst: Path) -> None:
 
 # ----------------------------------------------------------------------------- workers (run in the subprocess)
 def _rss_gib() -> float:
-    import resource
+    from schashformer.resources import peak_rss_gib  # this process's own peak, not its parent's
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_gib()
 
 
 def _save(out: Path, info: dict) -> None:

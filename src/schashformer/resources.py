@@ -93,5 +93,18 @@ def fit_bytes(x, n_clusters: int, cfg) -> int:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far, GiB (``ru_maxrss`` is KiB on Linux)."""
+    """Peak resident memory of this process so far, GiB.
+
+    On Linux the high-water mark of this process's own address space (``VmHWM``): ``ru_maxrss`` also
+    carries the peak of the process that spawned it (Linux folds the parent's peak into it across
+    ``vfork`` + ``exec``), so a run started by a large parent would report the parent's memory.
+    Elsewhere ``ru_maxrss`` (KiB on Linux).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

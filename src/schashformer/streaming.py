@@ -58,6 +58,8 @@ from .preprocess import (
 )
 
 log = logging.getLogger(__name__)
+#: dtype in which :func:`hash_all` holds every cell's token for the attention pass (see there)
+TOKEN_DTYPE = np.float16
 CHUNK_ROWS = 32768  # rows read and prepared at once: ~ 32768 x (nnz per row) x 8 bytes of CSR
 
 
@@ -335,7 +337,7 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
     n, n_heads = source.n_obs, indexer.n_heads
     codes = np.empty((n, n_heads), np.int64)
     ties = np.empty((n, n_heads), np.float64)
-    tokens = np.empty((n, model.encoder_.n_latent), np.float16)
+    tokens = np.empty((n, model.encoder_.n_latent), TOKEN_DTYPE)
     cell_mask = np.zeros(n, bool)
     kept = 0
     for start, block in source.chunks(chunk_rows, "hashing all cells", model.progress):
@@ -383,9 +385,9 @@ def out_of_core_bytes(source: CountSource, train_cells: int, n_clusters: int, cf
         4 * sub_nnz * resources.CSR_BYTES_PER_VALUE
     chunk = int(CHUNK_ROWS * nnz_per_row * resources.CSR_BYTES_PER_VALUE * 3)
     token = cfg.hash_latent + cfg.token_pcs
-    # float32 tokens and z; int64 codes, float64 tie-break keys and int64 sorted orders per head; one
-    # head's int64 chunk table; the kept-cell mask (hash_all, encode_all)
-    per_cell = 4 * 2 * token + 8 * 3 * cfg.hash_heads + 8 + 1
+    # float16 tokens and float32 z; int64 codes, float64 tie-break keys and int64 sorted orders per head;
+    # one head's int64 chunk table; the kept-cell mask (hash_all, encode_all)
+    per_cell = (2 + 4) * token + 8 * 3 * cfg.hash_heads + 8 + 1
     return int(sub + chunk + source.n_obs * per_cell)
 
 
