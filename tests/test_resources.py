@@ -86,3 +86,17 @@ def test_fit_estimate_grows_with_the_data(monkeypatch):
     monkeypatch.setattr(resources, "available_bytes", lambda: 1024)
     with pytest.raises(ResourceError, match=r"^x needs about \d+ MiB of memory but only 1 KiB is available; y$"):
         resources.check_fits(resources.fit_bytes(big, 5, cfg), "x", "y")
+
+
+def test_peak_memory_is_this_process_own_and_grows_with_what_it_touches():
+    before = resources.peak_rss_gib()
+    block = np.ones(300 * 2**20 // 8)  # 300 MiB written, so resident
+    after = resources.peak_rss_gib()
+    assert block.sum() > 0 and after - before > 0.2  # GiB
+    # a fresh interpreter reports its own peak (small), not the peak of the process that started it
+    import subprocess
+    import sys
+
+    code = "from schashformer.resources import peak_rss_gib; print(peak_rss_gib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < after
