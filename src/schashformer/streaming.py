@@ -324,7 +324,7 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
     Tokens are stored in float16 (the attention pass reads them back as float32): with the float32
     embedding beside them they are the largest per-cell arrays (2 GB in float32 at 10^7 cells), and
     float16's ~5e-4 relative rounding is far below the distances that separate cells (z moves by
-    ~1e-3; the 10^6-cell ARI is unchanged, docs/BENCHMARKS.md).
+    ~1e-3; the 10^6-cell ARI is unchanged, docs/METHOD_CHOICES.md).
     """
     indexer, cfg, stats = model.indexer_, model.config, model.stats_
     indexer.eval()
