@@ -331,11 +331,14 @@ def test_v80_ctrl_c_and_sigterm_are_one_line_and_resumable(how, tmp_path, capsys
     def outside_main(signum, frame):  # SIGTERM outside cli.main (and in code without its handler): fail, not die
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, outside_main)
+    # a test run started in the background (nohup, `&`) inherits SIGINT ignored: give Ctrl-C its usual meaning
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, err = run(argv, capsys)
         restored = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         monkeypatch.undo()
     assert restored is outside_main  # cli.main puts back the handler it found
     assert code == (130 if how == "sigint" else 143)
