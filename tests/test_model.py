@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from schashformer import SCHashFormer, buckets
@@ -229,3 +230,32 @@ def test_stage1_noise_is_relative_to_the_mean_absolute_input(sim):
     shallow = sim.copy()
     shallow.X = sp.csr_matrix(np.random.default_rng(0).binomial(sim.X.toarray().astype(np.int64), 0.1).astype(np.float32))
     assert view_noise_sd(CellData(prepare(shallow, n_top_genes=100)), TrainConfig(input_noise=1.0)) < view_noise_sd(data, TrainConfig(input_noise=1.0))
+
+
+def test_start_partition_chosen_by_silhouette_keeps_unequal_types():
+    """k-means with K = 3 on one wide type and two small ones splits the wide type and merges the small
+    ones; Leiden on the kNN graph keeps them, and the silhouette prefers that partition."""
+    from schashformer import n_clusters
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [14.0, 0.0], [16.5, 0.0]])
+    sizes, spreads = [1500, 60, 60], [2.0, 0.3, 0.3]
+    z = np.concatenate([rng.normal(c, s, size=(m, 2)) for c, m, s in zip(centres, sizes, spreads)]).astype(np.float32)
+    types = np.repeat(np.arange(3), sizes)
+    graph = n_clusters.knn_graph(z, 15)
+    assert graph.shape == (len(z), len(z)) and (graph != graph.T).nnz == 0 and graph.diagonal().sum() == 0
+    assert graph.getnnz(axis=1).min() >= 15
+    km = KMeans(3, n_init=10, random_state=0).fit_predict(z)
+    leiden = n_clusters.leiden_with_k(graph, 3, seed=0)
+    assert adjusted_rand_score(types, km) < 0.7 < 0.95 < adjusted_rand_score(types, leiden)
+    chosen, scores = n_clusters.best_by_silhouette(z, {"kmeans": km, "leiden": leiden}, seed=0)
+    assert chosen == "leiden" and scores["leiden"] > scores["kmeans"]
+    # one label: no silhouette, not a candidate
+    assert n_clusters.best_by_silhouette(z, {"one": np.zeros(len(z), int), "kmeans": km}, seed=0)[0] == "kmeans"
+
+
+@pytest.mark.parametrize("init", ["auto", "kmeans"])
+def test_init_auto_and_kmeans_fit(sim, init):
+    model = SCHashFormer(3, seed=0, progress=False, init=init, **FAST).fit(sim)
+    assert adjusted_rand_score(sim.obs["label"], model.labels_) > 0.8
+    assert model.kmeans_labels_.shape == (sim.n_obs,) and set(np.unique(model.kmeans_labels_)) == {0, 1, 2}

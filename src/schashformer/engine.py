@@ -51,6 +51,10 @@ from .train import TrainConfig
 log = logging.getLogger(__name__)
 
 KMEANS_MAX_CELLS = 200_000  # k-means sees every z up to this many cells, a uniform subsample beyond
+# init="auto" builds the graph start on at most this many cells (a uniform subsample beyond; the other cells join
+# the nearest centre): the exact kNN search and Leiden's bisection to K cost ~12 s at 50,000 cells on 2 cores,
+# ~3 s at 20,000
+GRAPH_START_CELLS = 20_000
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -592,12 +596,12 @@ class NeighbourhoodStage:
         return int(self.comm.broadcast(k)[0])
 
     def init_centres(self, seed: int, z_home: np.ndarray | None = None) -> np.ndarray | None:
-        """Place the cluster centres (``cfg.init``: 'kmeans', or 'leiden' on the hash kNN graph) on rank 0 and
+        """Place the cluster centres (``cfg.init``: 'auto', 'kmeans' or 'leiden', see :meth:`_place_centres`) on rank 0 and
         share them; returns the initial labels of every cell (None when k-means saw a subsample)."""
         cfg, comm = self.cfg, self.comm
         z = self.embed() if z_home is None else z_home
         k = self.head.centres.shape[0]
-        subsample = cfg.init == "kmeans" and self.n_total > KMEANS_MAX_CELLS
+        subsample = cfg.init != "leiden" and self.n_total > KMEANS_MAX_CELLS
         if subsample:  # every process keeps the same fraction of its cells
             z = z[np.random.default_rng(seed + comm.rank).random(len(z)) < KMEANS_MAX_CELLS / self.n_total]
         z_all = comm.allgather(z)
@@ -611,14 +615,36 @@ class NeighbourhoodStage:
         return None if subsample else comm.broadcast(np.asarray(labels, np.int64))
 
     def _place_centres(self, z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (cells,), centres (k, d)) of the start partition of ``z``: k-means ('kmeans'); Leiden at K on
+        the hash kNN graph ('leiden', k-means where Leiden cannot reach K); 'auto': k-means or Leiden at K on the
+        exact kNN graph, whichever has the higher silhouette."""
         cfg = self.cfg
         if cfg.init == "leiden":
             graph = buckets.hash_knn_graph(z, self.orders, cfg.chunk_size, cfg.graph_neighbors)
             labels = n_clusters_mod.leiden_with_k(graph, k, seed)
             if labels.max() + 1 == k:
-                return labels, np.stack([z[labels == j].mean(0) for j in range(k)])
+                return labels, n_clusters_mod.centroids(z, labels)
             log.info("Leiden found %d clusters instead of %d; using k-means", labels.max() + 1, k)
         km = KMeans(k, n_init=cfg.kmeans_n_init, random_state=seed).fit(z)
+        if cfg.init == "auto" and len(z) > k:
+            # k-means favours clusters of equal extent (it splits a large type and merges small ones); Leiden on
+            # the kNN graph does not, but on data with many similar-sized types it is the worse start. The
+            # silhouette on z chooses between them (docs/METHOD_CHOICES.md, "A start chosen by the data").
+            rows = np.arange(len(z))
+            if len(z) > GRAPH_START_CELLS:
+                rows = np.sort(np.random.default_rng(seed).choice(len(z), GRAPH_START_CELLS, replace=False))
+            graph = n_clusters_mod.knn_graph(z[rows], cfg.graph_neighbors)
+            graph_labels = n_clusters_mod.leiden_with_k(graph, k, seed)
+            if graph_labels.max() + 1 == k:
+                chosen, scores = n_clusters_mod.best_by_silhouette(
+                    z[rows], {"kmeans": km.labels_[rows], "leiden": graph_labels}, seed)
+                log.info("start partition: %s (silhouette %s)", chosen, scores)
+                if chosen == "leiden":
+                    centres = n_clusters_mod.centroids(z[rows], graph_labels)
+                    if len(rows) < len(z):  # every other cell joins its nearest centre
+                        sq = (z ** 2).sum(1)[:, None] - 2 * z @ centres.T + (centres ** 2).sum(1)[None]
+                        graph_labels = sq.argmin(1)
+                    return graph_labels, centres
         return km.labels_, km.cluster_centers_
 
 
@@ -753,7 +779,7 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
             ckpt.load_modules(state)
             kmeans_labels = state["kmeans_labels"].numpy()
             kmeans_labels = None if kmeans_labels.size == 0 and n_total else kmeans_labels
-        else:  # k-means on z places the K centres (measured: better than Leiden's partition)
+        else:  # the start partition places the K centres (cfg.init)
             kmeans_labels = stage2.init_centres(seed)
         if ckpt is not None:
             saved = np.zeros(0, np.int64) if kmeans_labels is None else np.asarray(kmeans_labels, dtype=np.int64)

@@ -100,7 +100,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         the cluster size in DEC's target (1: DEC's, favours equal sizes; 0: none); ``query_noise`` (> 0) trains the neighbourhood Transformer to
         restore noised query tokens from their hash neighbours (own token hidden from attention);
         ``zinb_genes`` is the number of genes (a fresh random
-        subset each step) in both stages' ZINB loss (None: all); ``init`` is 'kmeans' or 'leiden'; ``mixed_precision`` trains in bfloat16
+        subset each step) in both stages' ZINB loss (None: all); ``init`` is 'auto' (k-means on z or Leiden at K on z's kNN graph, whichever partition has the higher silhouette), 'kmeans' or 'leiden' (on the hash kNN graph); ``mixed_precision`` trains in bfloat16
         autocast on a CUDA GPU (no effect on CPU).
     train_cells, stage1_steps_subsample
         Large inputs (more cells, or a backed AnnData) train on a subsample of ``train_cells``
@@ -116,6 +116,8 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
     bucket_stats_ : list of per-head bucket statistics.
     timings_ : wall time (s) and peak resident memory (GiB) per stage.
     history_ : training losses.
+    kmeans_labels_ : (cells,) the partition that placed the cluster centres before the clustering phase
+        (k-means or Leiden, see ``init``; the name is kept for saved results), None when it saw a subsample.
     """
 
     def __init__(self, n_clusters: int | None = None, *,

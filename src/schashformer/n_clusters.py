@@ -23,8 +23,10 @@ import warnings
 import igraph as ig
 import leidenalg
 import numpy as np
+from scipy import sparse
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
+from sklearn.neighbors import NearestNeighbors
 
 from . import buckets
 from .errors import ParameterError
@@ -190,3 +192,27 @@ def leiden_with_k(graph, n_clusters: int, seed: int, max_iter: int = 30) -> np.n
             hi = resolution
             resolution = (lo + hi) / 2
     return best
+
+
+def knn_graph(z: np.ndarray, n_neighbors: int = 15) -> sparse.csr_matrix:
+    """Exact kNN graph of ``z`` (cells, d): (cells, cells) CSR, symmetric (union), 0/1 weights.
+
+    A global search (scikit-learn), used on the training cells only (at most ``train_cells``); the
+    hash graph (:func:`schashformer.buckets.hash_knn_graph`) is too local to partition types that differ
+    on a few genes (docs/METHOD_CHOICES.md, "Unequal type sizes")."""
+    n = len(z)
+    k = min(n_neighbors, n - 1)
+    nbrs = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    graph = sparse.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), nbrs.ravel())), shape=(n, n))
+    return ((graph + graph.T) > 0).astype(np.float32).tocsr()
+
+
+def best_by_silhouette(z: np.ndarray, partitions: dict[str, np.ndarray], seed: int,
+                       sample: int = 5000) -> tuple[str, dict[str, float]]:
+    """The name of the partition of ``z`` with the highest silhouette (on one shared subsample of at most
+    ``sample`` cells) and every candidate's silhouette; candidates with fewer than two labels are skipped."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(z), sample, replace=False) if len(z) > sample else np.arange(len(z))
+    scores = {name: float(silhouette_score(z[rows], labels[rows])) for name, labels in partitions.items()
+              if 1 < np.unique(labels[rows]).size < len(rows)}
+    return max(scores, key=scores.get), scores

@@ -104,8 +104,8 @@ def check_params(params: dict, hints: dict) -> None:
             raise ParameterError(f"{name} must be None or an integer >= {low}, got {value!r}")
     if "d_model" in params and "attn_heads" in params and params["d_model"] % params["attn_heads"]:
         raise ParameterError(f"d_model={params['d_model']} must be divisible by attn_heads={params['attn_heads']}")
-    if "init" in params and params["init"] not in ("kmeans", "leiden"):
-        raise ParameterError(f"init must be 'kmeans' or 'leiden', got {params['init']!r}")
+    if "init" in params and params["init"] not in ("kmeans", "leiden", "auto"):
+        raise ParameterError(f"init must be 'kmeans', 'leiden' or 'auto', got {params['init']!r}")
     for name in ("mask_rate", "dropout"):
         if name in params and not 0 <= params[name] < 1:
             raise ParameterError("mask_rate and dropout must be in [0, 1)")
