@@ -259,3 +259,16 @@ def test_init_auto_and_kmeans_fit(sim, init):
     model = SCHashFormer(3, seed=0, progress=False, init=init, **FAST).fit(sim)
     assert adjusted_rand_score(sim.obs["label"], model.labels_) > 0.8
     assert model.kmeans_labels_.shape == (sim.n_obs,) and set(np.unique(model.kmeans_labels_)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("init, target_balance, expected", [("kmeans", None, 1.0), ("leiden", None, 0.0),
+                                                             ("leiden", 0.5, 0.5)])
+def test_dec_target_follows_the_start_unless_given(sim, monkeypatch, init, target_balance, expected):
+    """target_balance=None: DEC's size correction after a k-means start, none after a graph start."""
+    from schashformer import engine
+
+    used = []
+    original = engine.target_distribution
+    monkeypatch.setattr(engine, "target_distribution", lambda q, f, balance: used.append(balance) or original(q, f, balance))
+    SCHashFormer(3, seed=0, progress=False, init=init, target_balance=target_balance, **FAST).fit(sim)
+    assert used and set(used) == {expected}

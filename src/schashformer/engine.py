@@ -487,6 +487,8 @@ class NeighbourhoodStage:
         self.cells, self.orders, self.cfg, self.rng, self.comm = cells, orders, cfg, rng, comm
         self.n_total = cells.n_home if n_total is None else n_total
         self.history: list[dict] = []
+        # exponent of the cluster frequency in DEC's target (cfg.target_balance; None: set by init_centres)
+        self.balance = 1.0 if cfg.target_balance is None else float(cfg.target_balance)
 
     @property
     def device(self) -> torch.device:
@@ -521,7 +523,7 @@ class NeighbourhoodStage:
                         return STOP
                 target["labels"] = labels
                 q_t = torch.from_numpy(q)
-                p_home = target_distribution(q_t, comm.allreduce_tensor(q_t.sum(0)), cfg.target_balance).numpy()
+                p_home = target_distribution(q_t, comm.allreduce_tensor(q_t.sum(0)), self.balance).numpy()
                 target["p"] = torch.from_numpy(cells.held(p_home)).to(self.device)
             for m in modules:
                 m.train()
@@ -597,7 +599,10 @@ class NeighbourhoodStage:
 
     def init_centres(self, seed: int, z_home: np.ndarray | None = None) -> np.ndarray | None:
         """Place the cluster centres (``cfg.init``: 'auto', 'kmeans' or 'leiden', see :meth:`_place_centres`) on rank 0 and
-        share them; returns the initial labels of every cell (None when k-means saw a subsample)."""
+        share them; returns the initial labels of every cell (None when k-means saw a subsample).
+
+        With ``cfg.target_balance`` None, DEC's target follows the start: DEC's size correction (1) after a
+        k-means start, none (0) after a graph start, which is chosen where the clusters differ in size."""
         cfg, comm = self.cfg, self.comm
         z = self.embed() if z_home is None else z_home
         k = self.head.centres.shape[0]
@@ -607,15 +612,19 @@ class NeighbourhoodStage:
         z_all = comm.allgather(z)
         centres = np.zeros((k, z.shape[1]), np.float32)
         labels = np.zeros(len(z_all), np.int64)
+        graph_start = np.zeros(1, np.int64)
         if comm.rank == 0:
-            labels, centres = self._place_centres(z_all, k, seed)
+            labels, centres, start = self._place_centres(z_all, k, seed)
+            graph_start[0] = start == "leiden"
         centres = comm.broadcast(np.asarray(centres, np.float32))
+        if cfg.target_balance is None:
+            self.balance = 0.0 if comm.broadcast(graph_start)[0] else 1.0
         with torch.no_grad():
             self.head.centres.copy_(torch.from_numpy(centres))
         return None if subsample else comm.broadcast(np.asarray(labels, np.int64))
 
-    def _place_centres(self, z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(labels (cells,), centres (k, d)) of the start partition of ``z``: k-means ('kmeans'); Leiden at K on
+    def _place_centres(self, z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """(labels (cells,), centres (k, d), 'kmeans' or 'leiden') of the start partition of ``z``: k-means ('kmeans'); Leiden at K on
         the hash kNN graph ('leiden', k-means where Leiden cannot reach K); 'auto': k-means or Leiden at K on the
         exact kNN graph, whichever has the higher silhouette."""
         cfg = self.cfg
@@ -623,7 +632,7 @@ class NeighbourhoodStage:
             graph = buckets.hash_knn_graph(z, self.orders, cfg.chunk_size, cfg.graph_neighbors)
             labels = n_clusters_mod.leiden_with_k(graph, k, seed)
             if labels.max() + 1 == k:
-                return labels, n_clusters_mod.centroids(z, labels)
+                return labels, n_clusters_mod.centroids(z, labels), "leiden"
             log.info("Leiden found %d clusters instead of %d; using k-means", labels.max() + 1, k)
         km = KMeans(k, n_init=cfg.kmeans_n_init, random_state=seed).fit(z)
         if cfg.init == "auto" and len(z) > k:
@@ -644,8 +653,8 @@ class NeighbourhoodStage:
                     if len(rows) < len(z):  # every other cell joins its nearest centre
                         sq = (z ** 2).sum(1)[:, None] - 2 * z @ centres.T + (centres ** 2).sum(1)[None]
                         graph_labels = sq.argmin(1)
-                    return graph_labels, centres
-        return km.labels_, km.cluster_centers_
+                    return graph_labels, centres, "leiden"
+        return km.labels_, km.cluster_centers_, "kmeans"
 
 
 # ----------------------------------------------------------------------------- a whole fit
@@ -778,12 +787,14 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
         if past("centres"):
             ckpt.load_modules(state)
             kmeans_labels = state["kmeans_labels"].numpy()
+            stage2.balance = float(state.get("target_balance_used", stage2.balance))
             kmeans_labels = None if kmeans_labels.size == 0 and n_total else kmeans_labels
         else:  # the start partition places the K centres (cfg.init)
             kmeans_labels = stage2.init_centres(seed)
         if ckpt is not None:
             saved = np.zeros(0, np.int64) if kmeans_labels is None else np.asarray(kmeans_labels, dtype=np.int64)
             ckpt.extra["kmeans_labels"] = torch.from_numpy(saved)
+            ckpt.extra["target_balance_used"] = stage2.balance
             if not past("centres"):
                 ckpt.save("centres", history2=stage2.history)
         if at("centres"):

@@ -97,7 +97,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         without ``token_residual``; ``update_interval`` the steps between target refreshes;
         ``tol`` stops when fewer labels change; ``w_kl`` weighs the KL clustering loss and
         ``w_zinb_stage2`` the stage-2 ZINB loss; ``target_balance`` is the exponent of
-        the cluster size in DEC's target (1: DEC's, favours equal sizes; 0: none); ``query_noise`` (> 0) trains the neighbourhood Transformer to
+        the cluster size in DEC's target (1: DEC's, favours equal sizes; 0: none; None, the default: 1 after a k-means start, 0 after a graph start); ``query_noise`` (> 0) trains the neighbourhood Transformer to
         restore noised query tokens from their hash neighbours (own token hidden from attention);
         ``zinb_genes`` is the number of genes (a fresh random
         subset each step) in both stages' ZINB loss (None: all); ``init`` is 'auto' (k-means on z or Leiden at K on z's kNN graph, whichever partition has the higher silhouette), 'kmeans' or 'leiden' (on the hash kNN graph); ``mixed_precision`` trains in bfloat16
@@ -144,7 +144,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
                  update_interval: int = _TRAIN.update_interval, tol: float = _TRAIN.tol,
                  query_noise: float = _TRAIN.query_noise, w_consistency: float = _TRAIN.w_consistency,
                  w_kl: float = _TRAIN.w_kl,
-                 w_zinb_stage2: float = _TRAIN.w_zinb_stage2, target_balance: float = _TRAIN.target_balance,
+                 w_zinb_stage2: float = _TRAIN.w_zinb_stage2, target_balance: float | None = _TRAIN.target_balance,
                  zinb_genes: int | None = _TRAIN.zinb_genes,
                  dropout: float = _TRAIN.dropout,
                  lr: float = _TRAIN.lr, weight_decay: float = _TRAIN.weight_decay,

@@ -79,8 +79,9 @@ class TrainConfig:
     w_kl: float = 1.0
     w_zinb_stage2: float = 1.0  # weight of the ZINB loss in stage 2
     # exponent of the cluster frequency in DEC's target p = q^2 / f^target_balance: 1 is DEC's (favours equal
-    # sizes), 0 sharpens q alone (docs/METHOD_CHOICES.md, unequal type sizes)
-    target_balance: float = 1.0
+    # sizes), 0 sharpens q alone; None follows the start partition: 1 after k-means, 0 after a graph start
+    # (chosen where clusters differ in size; docs/METHOD_CHOICES.md, unequal type sizes)
+    target_balance: float | None = None
     # Genes in each training step's ZINB loss (both stages): a fresh random subset of this many genes per
     # step, or every gene (None). The per-entry mean stays unbiased; the decoder's output layers and the
     # likelihood, over half of a step's time at 2,000 genes, shrink with it (docs/METHOD_CHOICES.md).
