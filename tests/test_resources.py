@@ -89,14 +89,18 @@ def test_fit_estimate_grows_with_the_data(monkeypatch):
 
 
 def test_peak_memory_is_this_process_own_and_grows_with_what_it_touches():
-    before = resources.peak_rss_gib()
-    block = np.ones(300 * 2**20 // 8)  # 300 MiB written, so resident
-    after = resources.peak_rss_gib()
-    assert block.sum() > 0 and after - before > 0.2  # GiB
-    # a fresh interpreter reports its own peak (small), not the peak of the process that started it
+    # fresh interpreters, so the test's own process (whose peak earlier tests set) does not matter
     import subprocess
     import sys
 
-    code = "from schashformer.resources import peak_rss_gib; print(peak_rss_gib())"
-    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert 0 < child < after
+    def child_peak(touch_mib: int) -> float:
+        code = ("import numpy as np; from schashformer.resources import peak_rss_gib; "
+                f"block = np.ones({touch_mib} * 2**20 // 8); assert block.sum() >= 0; print(peak_rss_gib())")
+        return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+    block = np.ones(300 * 2**20 // 8)  # this process now holds 300 MiB more than a fresh interpreter needs
+    assert block.sum() > 0
+    idle, touched = child_peak(0), child_peak(300)
+    assert touched - idle > 0.2  # GiB: the 300 MiB written count
+    # a fresh interpreter reports its own peak, not the peak of the (larger) process that started it
+    assert 0 < idle < resources.peak_rss_gib()
