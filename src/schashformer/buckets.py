@@ -134,9 +134,13 @@ def hash_knn_graph(z: np.ndarray, orders: list[np.ndarray], chunk_size: int, n_n
     The neighbours are those of :func:`hash_knn`; no global kNN search.
     """
 
-    n = z.shape[0]
     nbrs, _ = hash_knn(z, orders, chunk_size, n_neighbors, block)
-    k = nbrs.shape[1]
+    return neighbour_graph(nbrs)
+
+
+def neighbour_graph(nbrs: np.ndarray):
+    """Neighbour indices (cells, k), -1 for none -> (cells, cells) CSR, symmetric (union), 0/1 weights."""
+    n, k = nbrs.shape
     rows = np.repeat(np.arange(n), k)
     keep = nbrs.ravel() >= 0
     graph = sp.csr_matrix((np.ones(keep.sum(), np.float32), (rows[keep], nbrs.ravel()[keep])), shape=(n, n))

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.metrics import pairwise_distances_argmin
 from tqdm.auto import tqdm
 
 from . import buckets
@@ -650,9 +651,8 @@ class NeighbourhoodStage:
                 log.info("start partition: %s (silhouette %s)", chosen, scores)
                 if chosen == "leiden":
                     centres = n_clusters_mod.centroids(z[rows], graph_labels)
-                    if len(rows) < len(z):  # every other cell joins its nearest centre
-                        sq = (z ** 2).sum(1)[:, None] - 2 * z @ centres.T + (centres ** 2).sum(1)[None]
-                        graph_labels = sq.argmin(1)
+                    if len(rows) < len(z):  # a subsample: every cell's start label is its nearest centre
+                        graph_labels = pairwise_distances_argmin(z, centres)
                     return graph_labels, centres, "leiden"
         return km.labels_, km.cluster_centers_, "kmeans"
 

@@ -23,7 +23,6 @@ import warnings
 import igraph as ig
 import leidenalg
 import numpy as np
-from scipy import sparse
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import NearestNeighbors
@@ -194,17 +193,15 @@ def leiden_with_k(graph, n_clusters: int, seed: int, max_iter: int = 30) -> np.n
     return best
 
 
-def knn_graph(z: np.ndarray, n_neighbors: int = 15) -> sparse.csr_matrix:
+def knn_graph(z: np.ndarray, n_neighbors: int = 15):
     """Exact kNN graph of ``z`` (cells, d): (cells, cells) CSR, symmetric (union), 0/1 weights.
 
     A global search (scikit-learn), used on the training cells only (at most ``train_cells``); the
     hash graph (:func:`schashformer.buckets.hash_knn_graph`) is too local to partition types that differ
     on a few genes (docs/METHOD_CHOICES.md, "Unequal type sizes")."""
-    n = len(z)
-    k = min(n_neighbors, n - 1)
+    k = min(n_neighbors, len(z) - 1)
     nbrs = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)[:, 1:]
-    graph = sparse.csr_matrix((np.ones(n * k, np.float32), (np.repeat(np.arange(n), k), nbrs.ravel())), shape=(n, n))
-    return ((graph + graph.T) > 0).astype(np.float32).tocsr()
+    return buckets.neighbour_graph(nbrs)
 
 
 def best_by_silhouette(z: np.ndarray, partitions: dict[str, np.ndarray], seed: int,
