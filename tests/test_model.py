@@ -252,6 +252,11 @@ def test_start_partition_chosen_by_silhouette_keeps_unequal_types():
     assert chosen == "leiden" and scores["leiden"] > scores["kmeans"]
     # one label: no silhouette, not a candidate
     assert n_clusters.best_by_silhouette(z, {"one": np.zeros(len(z), int), "kmeans": km}, seed=0)[0] == "kmeans"
+    # a tie keeps the first-listed partition; a margin above the tolerance does not
+    same = n_clusters.best_by_silhouette(z, {"kmeans": km, "leiden": km.copy()}, seed=0)
+    assert same[0] == "kmeans" and same[1]["kmeans"] == same[1]["leiden"]
+    margin = (scores["leiden"] - scores["kmeans"]) / abs(scores["kmeans"])
+    assert n_clusters.best_by_silhouette(z, {"kmeans": km, "leiden": leiden}, seed=0, tie=2 * margin)[0] == "kmeans"
 
 
 @pytest.mark.parametrize("init", ["auto", "kmeans"])

@@ -79,9 +79,9 @@ def test_stats_align_new_data_and_warn_on_missing_genes(sim):
 
 
 def test_principal_axes_match_dense_pca():
-    """The Gram-matrix PCA (linear in cells, never dense) spans the same axes as PCA of the dense standardised matrix."""
+    """The Gram-matrix PCA (linear in cells, dense only a chunk at a time) spans the same axes as PCA of the dense standardised matrix."""
     prep = prepare(simulate_counts(n_cells=250, n_genes=60, seed=3))
-    axes = principal_axes(prep, 5, chunk=64)  # several chunks
+    axes = principal_axes(prep, 5, chunk_bytes=64 * 60 * 4)  # several chunks of 64 rows
     x = prep.logn.toarray()
     x = (x - prep.stats.mean) / prep.stats.std
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)

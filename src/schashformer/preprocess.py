@@ -427,23 +427,27 @@ def _align_genes(x: sp.csr_matrix, var_names: pd.Index, genes: np.ndarray) -> sp
     return sp.csr_matrix(x[:, pos[present]] @ scatter, dtype=np.float32)
 
 
-def principal_axes(prepared: Prepared, n_comps: int, reduce=None, *, chunk: int = 65536,
+def principal_axes(prepared: Prepared, n_comps: int, reduce=None, *, chunk_bytes: int = 32 << 20,
                    scaled: bool = True) -> np.ndarray:
     """Top ``n_comps`` principal axes (genes, n_comps) of the standardised expression
     (``scaled=False``: of the centred, unscaled log-normalised expression).
 
-    Computed from the genes x genes Gram matrix of the sparse log-normalised matrix,
-    accumulated over row chunks: O(nnz * genes) time and O(genes^2) memory, linear in
-    cells, never a dense cells x genes copy (the centring is applied to the Gram matrix).
+    Computed from the genes x genes Gram matrix of the log-normalised matrix, accumulated over
+    row chunks of at most ``chunk_bytes`` made dense: O(cells * genes^2) time in BLAS and
+    O(genes^2) memory, linear in cells, never a dense cells x genes copy (the centring is applied
+    to the Gram matrix). Dense float32 products per chunk, summed in float64, because scipy's
+    sparse x sparse product is single-threaded: 1.3 s instead of 8.4 s for 50,000 cells x 2,000
+    genes at 10% density (the training cells of an out-of-core fit), relative difference 4e-5.
     The +-CLIP clipping of :meth:`Prepared.standardised` is ignored here. ``reduce`` sums
     an array over processes (each holding some of the cells; the gene statistics are global).
     """
     logn, st = prepared.logn, prepared.stats
     n, g = logn.shape
     gram = np.zeros((g, g), dtype=np.float64)
-    for start in range(0, n, chunk):
-        block = logn[start:start + chunk]
-        gram += (block.T @ block).toarray()
+    rows = max(1, chunk_bytes // (4 * max(g, 1)))
+    for start in range(0, n, rows):
+        block = logn[start:start + rows].toarray().astype(np.float32, copy=False)
+        gram += block.T @ block
     if reduce is not None:
         gram, n = reduce(gram), int(reduce(np.array([n]))[0])
     n_comps = int(min(n_comps, g, n))
