@@ -490,6 +490,13 @@ class NeighbourhoodStage:
         self.history: list[dict] = []
         # exponent of the cluster frequency in DEC's target (cfg.target_balance; None: set by init_centres)
         self.balance = 1.0 if cfg.target_balance is None else float(cfg.target_balance)
+        # z of the home cells at the current weights: the start, the first refresh of P, a refresh that stops
+        # the clustering phase and the final inference would otherwise embed every cell again with the same weights
+        self._embedding: np.ndarray | None = None
+
+    def weights_changed(self) -> None:
+        """Forget the embedding computed at the previous weights (a training step or a checkpoint load)."""
+        self._embedding = None
 
     @property
     def device(self) -> torch.device:
@@ -528,6 +535,7 @@ class NeighbourhoodStage:
                 target["p"] = torch.from_numpy(cells.held(p_home)).to(self.device)
             for m in modules:
                 m.train()
+            self.weights_changed()  # the optimiser steps on this step's loss
             batch = batches.next()
             mine = cells.owned(batch)
             n_query = int((batch.tokens[:, -c:] >= 0).sum())
@@ -547,6 +555,7 @@ class NeighbourhoodStage:
             return loop
 
         def load_loop(state):
+            self.weights_changed()
             batches.load(state)
             if state.get("p_all") is not None:
                 target["p"] = state["p_all"].to(self.device)
@@ -560,7 +569,10 @@ class NeighbourhoodStage:
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def embed(self) -> np.ndarray:
-        """Embedding z (home cells, latent): mean over the hash heads' chunkings (cut at shift 0)."""
+        """Embedding z (home cells, latent): mean over the hash heads' chunkings (cut at shift 0); computed once
+        per set of weights (read-only: the same array is returned until :meth:`weights_changed`)."""
+        if self._embedding is not None:
+            return self._embedding
         self.encoder.eval()
         loss = self._loss(with_kl=False)
         c = self.cfg.chunk_size
@@ -577,6 +589,7 @@ class NeighbourhoodStage:
                 home.add(loss.embed(x, mask, consecutive=consecutive).cpu().numpy(), query)
             home.close()
         z_home /= len(self.orders)
+        self._embedding = z_home
         return z_home
 
     @torch.no_grad()
@@ -763,6 +776,7 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
                 ckpt.modules["head"] = head
         if past("pretrain_done"):
             ckpt.load_modules(state)
+            stage2.weights_changed()
             stage2.history = list(state["history2"])
         else:
             with _rate(rates, "stage2_encoder", cfg.stage2_pretrain_steps):
@@ -786,6 +800,7 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
                 ckpt.extra["n_clusters_estimated"] = int(n_clusters)
         if past("centres"):
             ckpt.load_modules(state)
+            stage2.weights_changed()
             kmeans_labels = state["kmeans_labels"].numpy()
             stage2.balance = float(state.get("target_balance_used", stage2.balance))
             kmeans_labels = None if kmeans_labels.size == 0 and n_total else kmeans_labels
@@ -801,6 +816,7 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
             ckpt.restore_rngs(state)
         if past("done"):
             ckpt.load_modules(state)
+            stage2.weights_changed()
             stage2.history = list(state["history2"])
         else:
             run_phase(stage2.phase(with_kl=True), stage2.history, cfg, comm=comm, progress=progress, checkpoint=ckpt,
