@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--continue", dest="cont", action="store_true", help="skip pairs already in the csv")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the markdown from the csv")
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]  # other work on the machine shows in the load (2 cores: above ~2 it competed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "estimate_k.csv"
@@ -193,7 +194,7 @@ def main() -> None:
     seeds = sorted(df.seed.unique().tolist())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     machine = (f"{os.cpu_count()}-core {platform.machine()} CPU, {ram:.0f} GiB RAM, no GPU, {threads} thread(s) per "
-               "run, shared with other jobs during the run")
+               f"run, one run at a time unless --jobs; 1-min load {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     command = "python benchmarks/estimate_k.py " + shlex.join(sys.argv[1:])
     text = markdown(df, seeds, command.strip(), df.seconds.sum() / 60, machine)  # sum of per-run times
     (out / "estimate_k.md").write_text(text)
