@@ -11,7 +11,8 @@ machine's load is the fit's own). One line per fit on standard output, as it fin
 
 ``--sets`` takes suite file names without their extension (``quality.SUITE``); ``--extra`` adds a
 labelled ``.h5ad`` outside the suite (for instance ``schashformer simulate --like unequal``). Values
-are parsed as int, float, true/false/none, else kept as strings, e.g. ``stage2_cluster_steps=50``.
+are read as the command line's ``--param`` reads them (YAML scalars: ``stage2_cluster_steps=50``,
+``init=kmeans``, ``target_balance=null``).
 """
 
 from __future__ import annotations
@@ -27,15 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from quality import SUITE, load  # the tuning suite and its loader are defined once, in quality.py
 
-
-def parse_value(text: str):
-    """'3' -> 3, '0.5' -> 0.5, 'true' / 'false' / 'none' -> True / False / None, else the string."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+from schashformer.app import parse_params
 
 
 def main() -> None:
@@ -48,12 +41,11 @@ def main() -> None:
     parser.add_argument("--label-key", default="cell_type", help="obs column of --extra's labels")
     parser.add_argument("params", nargs="*", help="name=value overrides of the defaults")
     args = parser.parse_args()
-    params = {}
-    for item in args.params:
-        if "=" not in item:
-            parser.error(f"parameter {item!r} is not name=value")
-        name, value = item.split("=", 1)
-        params[name] = parse_value(value)
+    from schashformer.errors import ParameterError
+    try:
+        params = parse_params(args.params)  # the command line's --param parser: YAML scalars, checked names
+    except ParameterError as err:
+        parser.error(str(err))
 
     import torch
     torch.set_num_threads(2)
