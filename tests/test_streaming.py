@@ -7,6 +7,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 from schashformer import record, resources
 from schashformer.errors import InputError, ResourceError
@@ -87,7 +88,8 @@ def test_fit_out_of_core_labels_every_cell(big_sim, tmp_path):
     big_sim.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     cap = FAST.get("stage1_steps", 400) // 2  # stage 1 on the subsample stops at stage1_steps_subsample
-    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, train_cells=300,
+    # float32 streamed passes (bf16 ones on a CPU with bf16 units: test_inference_precision_of_the_streamed_passes)
+    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, train_cells=300, mixed_precision=False,
                          **{**FAST, "stage1_steps_subsample": cap})
     model.fit(backed, labels_key="label")  # backed AnnData: routed to the out-of-core path
     assert model.out_of_core_ and len(model.train_rows_) == 300
@@ -138,23 +140,33 @@ def test_cli_streams_h5ad_and_simulates(tmp_path):
     assert res.uns["schashformer"]["data_checksum"] == record.data_checksum(src.X)
 
 
-def test_mixed_precision_hashing_pass(big_sim, monkeypatch):
-    """The autocast branch (CUDA in use; bfloat16 on the CPU here) keeps dtypes and nearly all codes."""
-    import torch
+def test_inference_precision_of_the_streamed_passes(big_sim, monkeypatch):
+    """bfloat16 streamed passes (forced here, as on a GPU or a CPU with bf16 units) keep dtypes, nearly all codes
+    and labels, and z within bf16 rounding; ``mixed_precision=False`` keeps float32 whatever the hardware, and
+    in-memory inference is float32 either way."""
+    from schashformer import engine, streaming
 
-    from schashformer import streaming
-
-    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, **FAST).fit(big_sim)
-    src = CountSource.from_anndata(big_sim)
+    model = SCHashFormer(3, seed=0, progress=False, n_top_genes=100, mixed_precision=False, **FAST).fit(big_sim)
+    src, cpu = CountSource.from_anndata(big_sim), torch.device("cpu")
     codes, ties, tokens, mask = streaming.hash_all(model, src, chunk_rows=128)
     # the streaming pass hashes cells as the in-memory fit did (float rounding may flip a rare bit)
     assert (codes == model.codes_[mask]).all(1).mean() > 0.99
-    monkeypatch.setattr(streaming, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    z32 = streaming.encode_all(model, tokens, engine.sorted_orders(codes, ties), cpu)
+    z_mem = model.transform(big_sim)
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    off = streaming.hash_all(model, src, chunk_rows=128)
+    assert np.array_equal(off[0], codes) and np.array_equal(off[1], ties)  # the flag wins over the hardware
+    assert np.array_equal(streaming.encode_all(model, tokens, engine.sorted_orders(codes, ties), cpu), z32)
+    model.set_params(mixed_precision=True)
     codes16, ties16, tokens16, mask16 = streaming.hash_all(model, src, chunk_rows=128)
     assert tokens16.dtype == np.float16 and ties16.dtype == np.float64 and np.array_equal(mask, mask16)
-    assert (codes16 == codes).mean() > 0.8
-    tokens, tokens16 = tokens.astype(np.float32), tokens16.astype(np.float32)
-    assert np.abs(tokens16 - tokens).mean() < 0.1 * np.abs(tokens).mean()
+    assert (codes16 == codes).mean() > 0.8 and not np.array_equal(ties16, ties)
+    assert np.abs(tokens16.astype(np.float32) - tokens).mean() < 0.1 * np.abs(tokens.astype(np.float32)).mean()
+    z16 = streaming.encode_all(model, tokens16, engine.sorted_orders(codes16, ties16), cpu)
+    assert z16.dtype == np.float32 and not np.array_equal(z16, z32)
+    assert np.abs(z16 - z32).mean() < 0.02 * np.abs(z32).mean()
+    assert (streaming.assign_all(model, z16, cpu) == streaming.assign_all(model, z32, cpu)).mean() > 0.95
+    assert np.array_equal(model.transform(big_sim), z_mem)  # in memory: float32 whatever the flag
 
 
 def test_tl_cluster_on_backed_anndata(big_sim, tmp_path):

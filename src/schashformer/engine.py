@@ -188,15 +188,46 @@ class ChunkCursor:
 # ----------------------------------------------------------------------------- the loop
 STOP = object()  # returned by a step function: the phase has converged
 # Device types whose training forward passes run in bfloat16 autocast when cfg.mixed_precision is on.
-# Not the CPU: without bf16 units (most CPUs) autocast there is slower than float32.
+# Not the CPU: training there in bfloat16 cost 0.005 ARI at 10^6 cells for a tenth of the time, and without
+# bf16 units (most CPUs) autocast is slower than float32.
 AUTOCAST_DEVICES = ("cuda",)
 
 
 def training_precision(device: torch.device, cfg: TrainConfig):
     """Context of one training forward pass: bfloat16 autocast on an :data:`AUTOCAST_DEVICES` device with
-    bf16 support when ``cfg.mixed_precision``, else nothing (float32). Inference stays float32."""
+    bf16 support when ``cfg.mixed_precision``, else nothing (float32). Inference: :func:`inference_precision`."""
     usable = device.type in AUTOCAST_DEVICES and (device.type != "cuda" or torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision and usable else nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU
+    with AVX512-BF16 or AMX units (elsewhere a bf16 product is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # torch exposes these probes only under private names; a torch without them gets float32
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def inference_precision(device: torch.device, cfg: TrainConfig):
+    """Context of the streamed passes over every cell of a large input (hashing, then embedding; see
+    :mod:`schashformer.streaming`), when ``cfg.mixed_precision``: bfloat16 autocast where :func:`native_bf16`
+    (float16 on a CUDA GPU without bf16), else float32.
+
+    These passes set the per-cell slope of a large run (10^6 cells, 2-core AVX512-BF16 CPU: the attention pass
+    34 s -> 19 s, hashing 15 s -> 12 s, ARI 0.770 -> 0.771). Matrix products round their inputs to bf16
+    (8 mantissa bits) and accumulate in float32; LayerNorm, softmax and the residual sum stay float32, so z
+    moves by ~0.3% of its scale. In-memory fits and their inference stay float32: bf16 there moved the
+    suite's mean ARI by -0.006, PBMC by more than its seed spread (docs/METHOD_CHOICES.md).
+    """
+    if not cfg.mixed_precision:
+        return nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if native_bf16(device) else torch.float16)
+    return torch.autocast("cpu", dtype=torch.bfloat16) if native_bf16(device) else nullcontext()
 
 
 @dataclass
@@ -483,8 +514,10 @@ class NeighbourhoodStage:
 
     def __init__(self, encoder: NeighbourhoodEncoder, decoder: ZINBDecoder, head: ClusterHead | None, cells,
                  orders: list[np.ndarray], cfg: TrainConfig, rng: np.random.Generator, *, comm: Comm = LOCAL,
-                 n_total: int | None = None):
+                 n_total: int | None = None, reduced_precision: bool = False):
         self.encoder, self.decoder, self.head = encoder, decoder, head
+        # embed() under inference_precision (the streamed pass over every cell); training fits embed in float32
+        self.reduced_precision = reduced_precision
         self.cells, self.orders, self.cfg, self.rng, self.comm = cells, orders, cfg, rng, comm
         self.n_total = cells.n_home if n_total is None else n_total
         self.history: list[dict] = []
@@ -586,7 +619,9 @@ class NeighbourhoodStage:
                 ids = owned[s:s + per_batch]
                 x, mask, query = self.cells.inputs(buckets.with_lookback(chunks, ids))
                 consecutive = bool(np.all(np.diff(ids) == 1))  # each chunk's key projections computed once
-                home.add(loss.embed(x, mask, consecutive=consecutive).cpu().numpy(), query)
+                with inference_precision(self.device, self.cfg) if self.reduced_precision else nullcontext():
+                    z = loss.embed(x, mask, consecutive=consecutive)
+                home.add(z.float().cpu().numpy(), query)
             home.close()
         z_home /= len(self.orders)
         self._embedding = z_home
@@ -832,11 +867,12 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
 
 
 def embed_tokens(encoder: NeighbourhoodEncoder, tokens: np.ndarray, orders: list[np.ndarray],
-                 cfg: TrainConfig, device: torch.device) -> np.ndarray:
+                 cfg: TrainConfig, device: torch.device, *, reduced_precision: bool = False) -> np.ndarray:
     """Embedding z (cells, latent) of cells from their tokens and hash-sorted orders (:func:`sorted_orders`),
-    inference in one process. ``tokens`` is read in place (not copied) on the CPU."""
+    inference in one process. ``tokens`` is read in place (not copied) on the CPU. ``reduced_precision``:
+    under :func:`inference_precision` (float32 otherwise)."""
     cells = LocalChunks(tokens, None, cfg.chunk_size, device)
-    return NeighbourhoodStage(encoder, None, None, cells, orders, cfg, None).embed()
+    return NeighbourhoodStage(encoder, None, None, cells, orders, cfg, None, reduced_precision=reduced_precision).embed()
 
 
 def build_stage2(cfg: TrainConfig, token_width: int, n_genes: int, n_batches: int,

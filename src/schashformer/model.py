@@ -101,7 +101,8 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         restore noised query tokens from their hash neighbours (own token hidden from attention);
         ``zinb_genes`` is the number of genes (a fresh random
         subset each step) in both stages' ZINB loss (None: all); ``init`` is 'auto' (k-means on z or Leiden at K on z's kNN graph, whichever partition has the higher silhouette), 'kmeans' or 'leiden' (on the hash kNN graph); ``mixed_precision`` trains in bfloat16
-        autocast on a CUDA GPU (no effect on CPU).
+        autocast on a CUDA GPU, and the out-of-core passes hash and embed every cell in bfloat16 where the
+        hardware has bf16 units (CUDA GPUs, CPUs with AVX512-BF16 or AMX); False keeps everything float32.
     train_cells, stage1_steps_subsample
         Large inputs (more cells, or a backed AnnData) train on a subsample of ``train_cells``
         cells and embed all in streaming passes; ``stage1_steps_subsample`` caps the stage-1

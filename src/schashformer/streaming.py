@@ -20,7 +20,8 @@ Memory is the subsample (O(its non-zeros)), one chunk of rows, and O(cells) smal
 (tokens, codes, embedding: ~200 floats per cell): never a dense cells x genes array and never the
 whole input matrix. Time is linear in cells: two reads of the file, one hashing pass, one
 attention pass. The same code runs on CUDA (``device='cuda'``), where the per-chunk tensors move to
-the GPU and the hashing pass (the genes x hidden matrix products) runs under bfloat16/float16 autocast.
+the GPU. Both per-cell passes run under :func:`schashformer.engine.inference_precision` (bfloat16 on
+GPUs and on CPUs with bf16 units; the training fit on the subsample stays float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import hashlib
 import logging
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,14 +280,6 @@ def fit_out_of_core(model, source: CountSource, *, batch_key: str | None = None,
     return model
 
 
-def _autocast(device: torch.device):
-    """Mixed precision for inference on CUDA (bfloat16 where supported); nothing on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def chunk_logn(block: sp.csr_matrix, columns: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
     """Log-normalised values of the model's genes for one chunk, and its kept-cell mask.
 
@@ -345,14 +337,14 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
         cell_mask[start:start + len(keep)] = keep
         for s in range(0, logn.shape[0], cfg.infer_batch):
             x = torch.from_numpy(standardise(logn[s:s + cfg.infer_batch], stats)).to(device)
-            with _autocast(device):
+            with engine.inference_precision(device, cfg):
                 hidden, h = indexer(x)
-                pcs = None if axes is None else x @ axes
             hidden, h = hidden.float(), h.float()
+            pcs = None if axes is None else x @ axes  # float32, as the in-memory tokens (engine.token_features)
             rows = slice(kept, kept + len(x))
             codes[rows] = indexer.codes(h).cpu().numpy()
             ties[rows] = engine.tie_break_keys(h.cpu().numpy())
-            tok = hidden if pcs is None else torch.cat([hidden, model.token_scale_ * pcs.float()], 1)
+            tok = hidden if pcs is None else torch.cat([hidden, model.token_scale_ * pcs], 1)
             tokens[rows] = tok.cpu().numpy()
             kept += len(x)
     # views, not copies, of the kept cells' rows
@@ -363,7 +355,8 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
 def encode_all(model, tokens: np.ndarray, orders: list[np.ndarray], device: torch.device) -> np.ndarray:
     """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells."""
     # float32 here: the attention pass is small per token (52-d tokens, d_model 256) and its output is the embedding
-    return engine.embed_tokens(model.encoder_, tokens, orders, model.config, device).astype(np.float32, copy=False)
+    return engine.embed_tokens(model.encoder_, tokens, orders, model.config, device,
+                               reduced_precision=True).astype(np.float32, copy=False)
 
 
 @torch.no_grad()
