@@ -325,14 +325,21 @@ class GeneSums:
     _FIELDS = ("detected", "sum_norm", "sumsq_norm", "sum_logn", "sumsq_logn")
 
     @classmethod
-    def of(cls, logn: sp.csr_matrix) -> "GeneSums":
-        """The sums of the log-normalised rows ``logn`` (cells, genes)."""
+    def of(cls, logn: sp.csr_matrix, block: int = 1 << 20) -> "GeneSums":
+        """The sums of the log-normalised rows ``logn`` (cells, genes).
+
+        Over ``block`` non-zeros at a time: the float64 temporaries (8 MB) are then reused by the allocator
+        instead of being mapped and faulted in afresh for every chunk of a streamed pass (52 MB each at
+        32,768 cells of 10x depth: 0.13 s against 0.07 s per chunk, ~2 s of a 10^6-cell read).
+        """
         g = logn.shape[1]
-        cols, l64 = logn.indices, logn.data.astype(np.float64)
-        n64 = np.expm1(l64)
-        return cls(logn.shape[0], np.bincount(cols, minlength=g).astype(np.float64),
-                   np.bincount(cols, n64, minlength=g), np.bincount(cols, n64 * n64, minlength=g),
-                   np.bincount(cols, l64, minlength=g), np.bincount(cols, l64 * l64, minlength=g))
+        sums = np.zeros((len(cls._FIELDS), g))
+        for s in range(0, logn.nnz, block):
+            cols, l64 = logn.indices[s:s + block], logn.data[s:s + block].astype(np.float64)
+            n64 = np.expm1(l64)
+            for row, weights in enumerate((None, n64, n64 * n64, l64, l64 * l64)):
+                sums[row] += np.bincount(cols, weights, minlength=g)
+        return cls(logn.shape[0], *sums)
 
     @classmethod
     def zeros(cls, n_genes: int) -> "GeneSums":

@@ -48,7 +48,6 @@ from .io import safe_frame, safe_uns
 from .preprocess import (
     CLIP,
     TARGET_SUM,
-    GeneStats,
     GeneSums,
     expand_to_cells,
     gene_stats,
@@ -295,12 +294,11 @@ def chunk_logn(block: sp.csr_matrix, columns: np.ndarray) -> tuple[sp.csr_matrix
     return logn, keep
 
 
-def standardise(logn: sp.csr_matrix, stats: GeneStats) -> np.ndarray:
-    """Dense standardised rows (rows, genes) float32, clipped at +-CLIP, as ``Prepared.standardised``."""
-    x = logn.toarray()
-    x -= stats.mean
-    x /= stats.std
-    return np.clip(x, -CLIP, CLIP, out=x)
+def standardise(logn: sp.csr_matrix, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Dense standardised rows (rows, genes) float32 on ``mean``'s device, clipped at +-CLIP: the values of
+    ``Prepared.standardised`` (the same float32 operations, in place), on torch's threads (numpy's are one)."""
+    x = torch.from_numpy(logn.toarray()).to(mean.device)
+    return x.sub_(mean).div_(std).clamp_(-CLIP, CLIP)
 
 
 @torch.no_grad()
@@ -322,6 +320,7 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
     indexer.eval()
     device = next(indexer.parameters()).device
     axes = None if model.token_axes_ is None else torch.from_numpy(model.token_axes_).to(device)
+    mean, std = (torch.from_numpy(np.asarray(v, np.float32)).to(device) for v in (stats.mean, stats.std))
     columns = source.var_names.get_indexer(stats.genes)
     if (columns < 0).any():
         missing = str(stats.genes[np.flatnonzero(columns < 0)[0]])
@@ -336,7 +335,7 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
         logn, keep = chunk_logn(block, columns)
         cell_mask[start:start + len(keep)] = keep
         for s in range(0, logn.shape[0], cfg.infer_batch):
-            x = torch.from_numpy(standardise(logn[s:s + cfg.infer_batch], stats)).to(device)
+            x = standardise(logn[s:s + cfg.infer_batch], mean, std)
             with engine.inference_precision(device, cfg):
                 hidden, h = indexer(x)
             hidden, h = hidden.float(), h.float()
