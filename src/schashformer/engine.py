@@ -213,12 +213,12 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def inference_precision(device: torch.device, cfg: TrainConfig):
-    """Context of the streamed passes over every cell of a large input (hashing, then embedding; see
-    :mod:`schashformer.streaming`), when ``cfg.mixed_precision``: bfloat16 autocast where :func:`native_bf16`
-    (float16 on a CUDA GPU without bf16), else float32.
+    """Context of the inference passes of an out-of-core fit (see :mod:`schashformer.streaming`: hashing and
+    embedding every cell, and stage 2's embeddings of its training subsample), when ``cfg.mixed_precision``:
+    bfloat16 autocast where :func:`native_bf16` (float16 on a CUDA GPU without bf16), else float32.
 
     These passes set the per-cell slope of a large run (10^6 cells, 2-core AVX512-BF16 CPU: the attention pass
-    34 s -> 19 s, hashing 15 s -> 12 s, ARI 0.770 -> 0.771). Matrix products round their inputs to bf16
+    34 s -> 18 s, hashing 15 s -> 11 s, ARI 0.770 -> 0.771). Matrix products round their inputs to bf16
     (8 mantissa bits) and accumulate in float32; LayerNorm, softmax and the residual sum stay float32, so z
     moves by ~0.3% of its scale. In-memory fits and their inference stay float32: bf16 there moved the
     suite's mean ARI by -0.006, PBMC by more than its seed spread (docs/METHOD_CHOICES.md).
@@ -516,7 +516,7 @@ class NeighbourhoodStage:
                  orders: list[np.ndarray], cfg: TrainConfig, rng: np.random.Generator, *, comm: Comm = LOCAL,
                  n_total: int | None = None, reduced_precision: bool = False):
         self.encoder, self.decoder, self.head = encoder, decoder, head
-        # embed() under inference_precision (the streamed pass over every cell); training fits embed in float32
+        # embed() under inference_precision (an out-of-core fit); in-memory fits embed in float32
         self.reduced_precision = reduced_precision
         self.cells, self.orders, self.cfg, self.rng, self.comm = cells, orders, cfg, rng, comm
         self.n_total = cells.n_home if n_total is None else n_total
@@ -728,7 +728,8 @@ class FitResult:
 
 def fit(prep: Prepared, data: CellData, cfg: TrainConfig, *, n_clusters: int | None, resolution: float, seed: int,
         rng: np.random.Generator, comm: Comm = LOCAL, checkpoint: Checkpointer | None = None, state: dict | None = None,
-        progress: bool = True, stage=None, on_codes: Callable[[np.ndarray], None] | None = None) -> FitResult:
+        progress: bool = True, stage=None, on_codes: Callable[[np.ndarray], None] | None = None,
+        reduced_precision: bool = False) -> FitResult:
     """Train both stages on ``data`` (this process's cells) and cluster them.
 
     Parameters
@@ -739,6 +740,9 @@ def fit(prep: Prepared, data: CellData, cfg: TrainConfig, *, n_clusters: int | N
     checkpoint, state : the fit's checkpointer and the checkpoint to resume from (None: a fresh fit).
     stage : ``stage(name)`` context manager timing each stage (None: untimed).
     on_codes : called with every cell's codes once stage 1 is done (warnings, bucket statistics).
+    reduced_precision : stage 2 embeds every cell (DEC's target refreshes, the start, the final
+        inference) under :func:`inference_precision`, as the streamed passes of an out-of-core fit do
+        (its training subsample: 5 s of a 10^6-cell run); training steps and stage 1 are unaffected.
     """
     # torch's global generator drives initialisation and dropout: seeded here for a reproducible fit,
     # and the caller's state is restored afterwards (a fit never moves the user's random numbers)
@@ -747,11 +751,11 @@ def fit(prep: Prepared, data: CellData, cfg: TrainConfig, *, n_clusters: int | N
         torch.manual_seed(seed)
         return _fit(prep, data, cfg, n_clusters=n_clusters, resolution=resolution, seed=seed, rng=rng, comm=comm,
                     checkpoint=checkpoint, state=state, progress=progress, stage=stage or (lambda name: nullcontext()),
-                    on_codes=on_codes)
+                    on_codes=on_codes, reduced_precision=reduced_precision)
 
 
 def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint, state, progress, stage,
-         on_codes) -> FitResult:
+         on_codes, reduced_precision) -> FitResult:
     device = data.device
     home = np.concatenate([[0], np.cumsum(comm.allgather(np.array([data.n_cells])))]).astype(np.int64)
     n_total = int(home[-1])
@@ -804,7 +808,7 @@ def _fit(prep, data, cfg, *, n_clusters, resolution, seed, rng, comm, checkpoint
         head = None if n_clusters is None else ClusterHead(n_clusters, z_dim).to(device)
         stage2 = NeighbourhoodStage(encoder, decoder, head, comm.chunk_cells(orders, cfg.chunk_size, tokens, data,
                                                                              device),
-                                    orders, cfg, rng, comm=comm, n_total=n_total)
+                                    orders, cfg, rng, comm=comm, n_total=n_total, reduced_precision=reduced_precision)
         if ckpt is not None:
             ckpt.modules.update(encoder=encoder, decoder=decoder)
             if head is not None:

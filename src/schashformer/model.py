@@ -263,7 +263,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
 
         result = engine.fit(prep, data, cfg, n_clusters=self.n_clusters, resolution=self.resolution, seed=self.seed,
                             rng=rng, checkpoint=ckpt, state=state, progress=self.progress, stage=self._stage,
-                            on_codes=on_codes)
+                            on_codes=on_codes, reduced_precision=stats is not None)
         self.adopt(result, prep.cell_mask)
         if ckpt is not None and not self.keep_checkpoint:
             ckpt.remove()

@@ -21,7 +21,8 @@ Memory is the subsample (O(its non-zeros)), one chunk of rows, and O(cells) smal
 whole input matrix. Time is linear in cells: two reads of the file, one hashing pass, one
 attention pass. The same code runs on CUDA (``device='cuda'``), where the per-chunk tensors move to
 the GPU. Both per-cell passes run under :func:`schashformer.engine.inference_precision` (bfloat16 on
-GPUs and on CPUs with bf16 units; the training fit on the subsample stays float32 on the CPU).
+GPUs and on CPUs with bf16 units), and so do stage 2's embeddings of the training subsample; the training
+steps themselves are float32 on the CPU.
 """
 
 from __future__ import annotations
