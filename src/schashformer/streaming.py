@@ -353,8 +353,8 @@ def hash_all(model, source: CountSource, *, chunk_rows: int = CHUNK_ROWS):
 
 @torch.no_grad()
 def encode_all(model, tokens: np.ndarray, orders: list[np.ndarray], device: torch.device) -> np.ndarray:
-    """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells."""
-    # float32 here: the attention pass is small per token (52-d tokens, d_model 256) and its output is the embedding
+    """Embedding z (cells, latent) of every cell: local attention over the hash-sorted order of all cells,
+    under :func:`engine.inference_precision`; z itself is float32."""
     return engine.embed_tokens(model.encoder_, tokens, orders, model.config, device,
                                reduced_precision=True).astype(np.float32, copy=False)
 
