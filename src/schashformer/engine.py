@@ -221,7 +221,7 @@ def inference_precision(device: torch.device, cfg: TrainConfig):
     34 s -> 18 s, hashing 15 s -> 11 s, ARI 0.770 -> 0.771). Matrix products round their inputs to bf16
     (8 mantissa bits) and accumulate in float32; LayerNorm, softmax and the residual sum stay float32, so z
     moves by ~0.3% of its scale. In-memory fits and their inference stay float32: bf16 there moved the
-    suite's mean ARI by -0.006, PBMC by more than its seed spread (docs/METHOD_CHOICES.md).
+    suite's mean ARI by -0.005, PBMC by more than its seed spread (docs/METHOD_CHOICES.md).
     """
     if not cfg.mixed_precision:
         return nullcontext()
