@@ -192,7 +192,7 @@ def run_peer(peer: str, path: Path, n: int, args, workdir: Path) -> dict:
         env[var] = str(args.threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", peer, "--input", str(path),
            "--worker-json", str(out_json), "--workdir", str(workdir), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--n-clusters", str(args.n_clusters)]
+           "--seed", str(args.seed if args.fit_seed is None else args.fit_seed), "--n-clusters", str(args.n_clusters)]
     cmd += [a for kv in (args.param or []) for a in ("--param", kv)]
     cap = args.mem_cap_gib * 2**30
     load_before = os.getloadavg()[0]  # other work on the machine shows here (1-minute load average)
@@ -253,7 +253,7 @@ def write_outputs(rows: list[dict], args, started: float) -> None:
         flat.append(row)
     pd.DataFrame(flat).to_csv(out / "scale.csv", index=False)
     _plots(rows, out)
-    lines = [f"# Scaling benchmark (issue 4)", "",
+    lines = ["# Scaling benchmark (issue 4)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
              f"{_mem_total_gib():.0f} GiB RAM, no GPU; {args.threads} threads per run, one run at a time; memory cap "
              f"{args.mem_cap_gib} GiB, time-out {args.timeout} s per run. Data: simulated like {args.like} "
@@ -335,7 +335,9 @@ def main() -> int:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     p.add_argument("--like", default="PBMC", help="reference of the simulation (PBMC: 8 types)")
     p.add_argument("--n-clusters", type=int, default=8, help="K given to scHashFormer (the simulated types)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation and, without --fit-seed, of the fits")
+    p.add_argument("--fit-seed", type=int, default=None,
+                   help="seed of the fits only (the same simulated data, another training run)")
     p.add_argument("--threads", type=int, default=2, help="threads per run (torch, BLAS, numba)")
     p.add_argument("--mem-cap-gib", type=float, default=20.0, help="a run above this resident memory is killed (OOM)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is killed (TIMEOUT)")

@@ -99,6 +99,19 @@ def test_graph_is_in_scanpys_layout_and_close_to_exact_knn(clustered):
     exact = np.argsort(full, axis=1)[:, :14]
     recall = np.mean([len(set(exact[i]) & set(d[i].indices)) / 14 for i in range(a.n_obs)])
     assert recall > 0.6, recall
+    # the graph's candidate chunks are graph_chunk's, not the attention's chunk_size
+    params = a.uns["schashformer"]["params"]
+    assert params["graph_chunk"] != params["chunk_size"]
+    assert graph["params"]["chunk_size"] == params["graph_chunk"]
+
+
+def test_hash_neighbors_reads_an_older_record_chunk_size(clustered):
+    a = clustered.copy()
+    del a.uns["schashformer"]["params"]["graph_chunk"]  # a record written before graph_chunk existed
+    a.uns["schashformer"]["params"]["chunk_size"] = 12
+    shf.tl.hash_neighbors(a, key_added="old_graph")
+    assert a.uns["old_graph"]["params"]["chunk_size"] == 12
+    assert (a.obsp["old_graph_distances"].getnnz(1) == 14).all()
 
 
 def test_scanpy_tools_and_plots_without_a_neighbour_search(clustered, no_search, tmp_path):

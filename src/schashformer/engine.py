@@ -642,7 +642,7 @@ class NeighbourhoodStage:
         z_all = self.comm.allgather(self.embed() if z_home is None else z_home)
         k = np.zeros(1, np.int64)
         if self.comm.rank == 0:
-            k[0], _ = n_clusters_mod.estimate(z_all, self.orders, self.cfg.chunk_size, resolution=resolution,
+            k[0], _ = n_clusters_mod.estimate(z_all, self.orders, self.cfg.graph_chunk, resolution=resolution,
                                               n_neighbors=self.cfg.graph_neighbors, seed=seed)
         return int(self.comm.broadcast(k)[0])
 
@@ -678,7 +678,7 @@ class NeighbourhoodStage:
         exact kNN graph, whichever has the higher silhouette."""
         cfg = self.cfg
         if cfg.init == "leiden":
-            graph = buckets.hash_knn_graph(z, self.orders, cfg.chunk_size, cfg.graph_neighbors)
+            graph = buckets.hash_knn_graph(z, self.orders, cfg.graph_chunk, cfg.graph_neighbors)
             labels = n_clusters_mod.leiden_with_k(graph, k, seed)
             if labels.max() + 1 == k:
                 return labels, n_clusters_mod.centroids(z, labels), "leiden"

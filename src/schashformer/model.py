@@ -90,7 +90,7 @@ input_noise, w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance, w_qu
         ``input_noise`` the view noise in units of the mean absolute standardised input.
     chunk_size, chunks_per_batch, d_model, attn_heads, layers, latent, token_pcs, token_residual, \
 attention, stage2_pretrain_steps, stage2_cluster_steps, scale_steps, update_interval, tol, w_consistency, w_kl, \
-w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, infer_batch, mixed_precision
+w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, graph_chunk, infer_batch, mixed_precision
         Stage 2, the neighbourhood Transformer and clustering head. With ``scale_steps`` (off by
         default) its two step counts are caps: on fewer than ~4,300 cells each phase passes over the
         cells a fixed number of times instead (at least 50 steps), ~20% faster on 200-cell data. ``latent`` is the width of z
@@ -100,7 +100,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         the cluster size in DEC's target (1: DEC's, favours equal sizes; 0: none; None, the default: 1 after a k-means start, 0 after a graph start); ``query_noise`` (> 0) trains the neighbourhood Transformer to
         restore noised query tokens from their hash neighbours (own token hidden from attention);
         ``zinb_genes`` is the number of genes (a fresh random
-        subset each step) in both stages' ZINB loss (None: all); ``init`` is 'auto' (k-means on z or Leiden at K on z's kNN graph, whichever partition has the higher silhouette), 'kmeans' or 'leiden' (on the hash kNN graph); ``mixed_precision`` trains in bfloat16
+        subset each step) in both stages' ZINB loss (None: all); ``init`` is 'auto' (k-means on z or Leiden at K on z's kNN graph, whichever partition has the higher silhouette), 'kmeans' or 'leiden' (on the hash kNN graph); ``graph_chunk`` is the cells per chunk of that graph's candidate windows (K estimation too), apart from the attention's ``chunk_size``; ``mixed_precision`` trains in bfloat16
         autocast on a CUDA GPU, and the out-of-core passes hash and embed every cell in bfloat16 where the
         hardware has bf16 units (CUDA GPUs, CPUs with AVX512-BF16 or AMX); False keeps everything float32.
     train_cells, stage1_steps_subsample
@@ -150,7 +150,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
                  dropout: float = _TRAIN.dropout,
                  lr: float = _TRAIN.lr, weight_decay: float = _TRAIN.weight_decay,
                  grad_clip: float = _TRAIN.grad_clip, kmeans_n_init: int = _TRAIN.kmeans_n_init,
-                 init: str = _TRAIN.init, graph_neighbors: int = _TRAIN.graph_neighbors,
+                 init: str = _TRAIN.init, graph_neighbors: int = _TRAIN.graph_neighbors, graph_chunk: int = _TRAIN.graph_chunk,
                  infer_batch: int = _TRAIN.infer_batch, mixed_precision: bool = _TRAIN.mixed_precision,
                  # large inputs: training on a subsample
                  train_cells: int = _TRAIN.train_cells,

@@ -15,6 +15,7 @@ import pandas as pd
 
 from .errors import InputError, ParameterError
 from .metrics import encode_labels, hungarian_matching
+from .train import TrainConfig
 
 MAX_UMAP_CELLS = 100_000  # UMAP is for looking at, not analysis: subsample beyond this
 
@@ -193,7 +194,7 @@ def bucket_sizes(data, *, key: str = "schashformer", chunk_size: int | None = No
 
     ``data`` is an AnnData with ``obsm[f"{key}_codes"]`` (cells, heads), a fitted
     :class:`~schashformer.SCHashFormer` (its ``codes_``) or a (cells, heads) array of bucket ids
-    (-1 = cell not hashed). ``chunk_size`` (default: the run record's, else 16) is drawn as a line:
+    (-1 = cell not hashed). ``chunk_size`` (default: the run record's, else the default ``TrainConfig.chunk_size``) is drawn as a line:
     buckets larger than a chunk are split across chunks, singletons borrow neighbours from the
     nearest codes. ``ax``: a sequence of matplotlib Axes, one per head, to draw into; ``save``: PNG
     path; ``show``: call ``plt.show()``. Returns the matplotlib Figure.
@@ -215,7 +216,7 @@ def bucket_sizes(data, *, key: str = "schashformer", chunk_size: int | None = No
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise InputError(f"bucket codes must be a (cells, heads) integer array, got shape {codes.shape}, "
                          f"dtype {codes.dtype}")
-    chunk_size = int(chunk_size or 16)
+    chunk_size = int(chunk_size or TrainConfig.chunk_size)
     heads = codes.shape[1]
     fig, axes, own = _panels(ax, heads, (4.5 * heads, 3.6), sharey=True)
     for k, ax in enumerate(axes):

@@ -23,6 +23,7 @@ from .model import SCHashFormer
 from .preprocess import count_matrix, resolve_counts
 from .rare import rare_populations  # noqa: E402,F401  (per-label / per-cluster scores)
 from .streaming import CountSource, data_checksum
+from .train import TrainConfig
 from .trajectory import trajectory  # noqa: E402,F401  (PAGA + diffusion pseudotime on the embedding)
 from .validate import check_adata, resolve
 from .version import __version__
@@ -98,7 +99,7 @@ def cluster(adata: ad.AnnData, n_clusters: int | None = None, *, labels_key: str
     if neighbors_key:
         start = time.perf_counter()
         hash_neighbors(adata, use_rep=f"X_{key_added}", codes_key=f"{key_added}_codes",
-                       chunk_size=model.config.chunk_size, n_neighbors=n_neighbors, key_added=neighbors_key)
+                       chunk_size=model.config.graph_chunk, n_neighbors=n_neighbors, key_added=neighbors_key)
         adata.uns[key_added]["params"]["neighbors_key"] = neighbors_key
         adata.uns[key_added]["timings"]["neighbors"] = {"seconds": round(time.perf_counter() - start, 3)}
     if model.progress:
@@ -198,7 +199,9 @@ def hash_neighbors(adata: ad.AnnData, *, use_rep: str = "X_schashformer", codes_
     adata : AnnData with ``obsm[use_rep]`` (cells, latent) and ``obsm[codes_key]`` (cells, heads).
     use_rep : the embedding.
     codes_key : the hash bucket ids.
-    chunk_size : cells per chunk; default the run record's (``uns["schashformer"]["params"]``), else 16.
+    chunk_size : cells per chunk of the candidate windows; default the run record's ``graph_chunk``
+        (``uns["schashformer"]["params"]``; its ``chunk_size`` in records written before ``graph_chunk``
+        existed), else :attr:`TrainConfig.graph_chunk <schashformer.train.TrainConfig>` (16).
     n_neighbors : neighbours per cell, counting the cell itself (scanpy's convention).
     method : connectivities kernel, ``"gauss"`` (default; the kernel of diffusion pseudotime, plain
         numpy) or ``"umap"`` (scanpy's default; its first call in a process spends ~40 s compiling
@@ -235,7 +238,8 @@ def hash_neighbors(adata: ad.AnnData, *, use_rep: str = "X_schashformer", codes_
     adata = adata.copy() if copy else adata
     if chunk_size is None:
         rec = adata.uns.get(use_rep.removeprefix("X_"), {})
-        chunk_size = int((rec.get("params", {}) if isinstance(rec, dict) else {}).get("chunk_size", 16) or 16)
+        params = rec.get("params", {}) if isinstance(rec, dict) else {}
+        chunk_size = int(params.get("graph_chunk") or params.get("chunk_size") or TrainConfig.graph_chunk)
     z = np.asarray(adata.obsm[use_rep], dtype=np.float32)
     codes = np.asarray(adata.obsm[codes_key])
     n = z.shape[0]

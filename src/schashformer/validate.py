@@ -66,7 +66,8 @@ def check_types(params: dict, hints: dict) -> None:
 
 # training parameters that count things: at least 1, or (the step and component counts) at least 0
 _AT_LEAST_1 = ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch", "d_model",
-               "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch", "train_cells")
+               "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch", "train_cells",
+               "graph_chunk")
 _AT_LEAST_0 = ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs")
 # integer fields where None means "no limit" (every gene, no step cap)
 _NONE_OR_AT_LEAST = {"zinb_genes": 1, "stage1_steps_subsample": 0}
