@@ -54,7 +54,7 @@ class TrainConfig:
     w_quantisation: float = 0.1
     # stage 2: neighbourhood Transformer + clustering head
     # query cells per attention chunk; each query attends over its chunk and the previous one (2C keys). 8
-    # rather than 16: purer windows, the same suite mean over five seeds (+0.004) with a smaller seed spread
+    # rather than 16: purer windows, the same suite mean over five seeds (+0.003) with a smaller seed spread
     # on the sets that vary most, and stage 2 a quarter faster (docs/METHOD_CHOICES.md, "Smaller chunks")
     chunk_size: int = 8
     chunks_per_batch: int = 32
