@@ -9,7 +9,7 @@ from schashformer import SCHashFormer
 from schashformer.engine import loss_genes
 from schashformer.metrics import clustering_scores
 from schashformer.nn import NeighbourhoodEncoder, ZINBDecoder
-from schashformer.nn.local_attention import without_self
+from schashformer.nn.local_attention import nearest_keys, without_self
 from schashformer.nn.losses import zinb_on
 from schashformer.nn.zinb import zinb_nll
 from schashformer.train import TrainConfig
@@ -58,6 +58,33 @@ def test_without_self_hides_each_query_from_itself_unless_it_is_alone():
     assert mask[1, 0].tolist() == [False, False, True, False]
 
 
+def test_nearest_keys_keeps_the_k_most_similar_allowed_keys_per_query():
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [-1.0, 0.0], [0.7, 0.7], [1.0, 0.05]]])
+    allowed = torch.tensor([[True, True, False, True, True, True]])  # key 2 (the nearest to query 0) is padding
+    queries = keys[:, -2:]  # queries at positions 4 and 5
+    mask = nearest_keys(keys, queries, allowed, k=2)
+    assert mask.shape == (1, 2, 6)
+    assert mask[0, 1].tolist() == [True, False, False, False, False, True]  # itself and key 0, not padding key 2
+    assert mask[0, 0].tolist() == [False, False, False, False, True, True]  # itself and (1, .05): cos .74 > .71
+    alone = nearest_keys(keys, queries, torch.zeros(1, 6, dtype=torch.bool), k=2)
+    assert not alone.any()  # nothing allowed stays nothing (without_self keeps a lone query's own key)
+
+
+def test_far_keys_do_not_reach_a_query_restricted_to_its_neighbours():
+    torch.manual_seed(2)
+    enc = NeighbourhoodEncoder(4, d_model=16, n_heads=2, n_latent=4, dropout=0.0, token_residual=True,
+                               neighbours=2).eval()
+    torch.nn.init.normal_(enc.to_latent[1].weight)
+    x = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.9, 0.1, 0, 0], [1.0, 0.05, 0, 0]]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    moved = x.clone()
+    moved[0, 1] *= 3.0  # key 1 is orthogonal to query 1 (position 3): not among its 2 nearest
+    torch.testing.assert_close(enc(moved, mask, 2)[0, 1], enc(x, mask, 2)[0, 1])
+    moved = x.clone()
+    moved[0, 0] *= 3.0  # key 0 is: the query reads it
+    assert not torch.allclose(enc(moved, mask, 2)[0, 1], enc(x, mask, 2)[0, 1])
+
+
 def test_excluded_own_key_does_not_reach_the_query_but_reaches_its_neighbours():
     torch.manual_seed(0)
     enc = NeighbourhoodEncoder(8, d_model=16, n_heads=2, n_latent=8, dropout=0.0, token_residual=True,
@@ -100,13 +127,15 @@ def test_query_noise_zero_is_the_plain_fit():
     np.testing.assert_array_equal(a.embedding_, b.embedding_)
 
 
-@pytest.mark.parametrize("params", [{"zinb_genes": 40}, {"query_noise": 1.0}])
+@pytest.mark.parametrize("params", [{"zinb_genes": 40}, {"query_noise": 1.0},
+                                    {"query_noise": 1.0, "attention_neighbours": 4}])
 def test_fits_with_either_objective_cluster_simulated_types(params):
     adata = simulate_counts(n_cells=300, n_genes=150, seed=4)
     model = SCHashFormer(3, seed=0, progress=False, **{**FAST, **params}).fit(adata)
     assert all(np.isfinite(r["loss"]) for r in model.history_)
     assert clustering_scores(adata.obs["label"].to_numpy(), model.labels_)["ari"] > 0.8
     assert model.encoder_.exclude_self == (params.get("query_noise", 0) > 0)
+    assert model.encoder_.neighbours == params.get("attention_neighbours", 0)
 
 
 def test_bad_values_are_named():
@@ -116,6 +145,8 @@ def test_bad_values_are_named():
         SCHashFormer(3, zinb_genes=0).check_params()
     with pytest.raises(ParameterError, match="query_noise"):
         SCHashFormer(3, query_noise=-1.0).check_params()
+    with pytest.raises(ParameterError, match="attention_neighbours"):
+        SCHashFormer(3, attention_neighbours=-2).check_params()
 
 
 def test_target_balance_scales_the_size_correction_of_the_dec_target():

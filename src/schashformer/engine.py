@@ -884,7 +884,8 @@ def build_stage2(cfg: TrainConfig, token_width: int, n_genes: int, n_batches: in
     """The neighbourhood encoder and its ZINB decoder; with ``token_residual`` z has the token's width."""
     z_dim = token_width if cfg.token_residual else cfg.latent
     encoder = NeighbourhoodEncoder(token_width, cfg.d_model, cfg.attn_heads, z_dim, cfg.layers, cfg.dropout,
-                                   cfg.token_residual, cfg.attention, exclude_self=cfg.query_noise > 0).to(device)
+                                   cfg.token_residual, cfg.attention, exclude_self=cfg.query_noise > 0,
+                                   neighbours=cfg.attention_neighbours).to(device)
     return encoder, ZINBDecoder(z_dim, n_genes, cfg.hidden // 2, n_batches).to(device)
 
 

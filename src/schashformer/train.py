@@ -76,6 +76,9 @@ class TrainConfig:
     # hides a cell's own token from its attention, so the update has to come from its hash neighbours
     # (neighbourhood denoising, docs/METHOD_CHOICES.md). 0: the cell's own counts from its clean token.
     query_noise: float = 0.0
+    # > 0: each stage-2 query attends only to this many keys of its window, the nearest to its own token (cosine);
+    # 0: every key of the window (docs/METHOD_CHOICES.md)
+    attention_neighbours: int = 0
     w_consistency: float = 0.0  # stage-2 InfoNCE between two dropout passes (off: token_residual keeps z discriminative)
     # weight of the KL clustering loss: scDeepCluster's 1, not METHOD.md's 0.1 (the ZINB term is a mean per
     # entry, so 0.1 left DEC almost idle: +0.005 worm NMI at 1 with refreshes every 25 steps, docs/METHOD_CHOICES.md)

@@ -73,6 +73,19 @@ def without_self(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
     return torch.where(mask.any(-1, keepdim=True), mask, key_mask[:, None, :].expand(b, n_query, t))
 
 
+def nearest_keys(keys: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-query mask (B, C, T) keeping, of the keys each query may attend to (``key_mask`` (B, T) or (B, C, T)),
+    the ``k`` most similar to it by cosine of the input tokens ``keys`` (B, T, w) and ``queries`` (B, C, w).
+    A window holds a few cells of neighbouring types; the nearest of its cells are more often the query's own."""
+    with torch.no_grad():
+        sim = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).transpose(1, 2)
+        allowed = key_mask if key_mask.dim() == 3 else key_mask[:, None, :].expand_as(sim)
+        top = sim.masked_fill(~allowed, float("-inf")).topk(min(k, sim.shape[-1]), dim=-1).indices
+        keep = torch.zeros_like(allowed).scatter_(-1, top, True) & allowed
+        # a query with no allowed key keeps its row as it was (a softmax needs one key)
+        return torch.where(keep.any(-1, keepdim=True), keep, allowed)
+
+
 class NeighbourhoodEncoder(nn.Module):
     """Input projection -> one pre-LN Transformer block over hash neighbourhoods -> latent z.
 
@@ -94,15 +107,18 @@ class NeighbourhoodEncoder(nn.Module):
     exclude_self : no query attends to its own token, so what attention adds comes from the
         neighbours alone (needed when training corrupts the queries: the clean own token among
         the keys would be copied back).
+    neighbours : > 0: each query attends only to this many of its window's keys, those nearest to its clean
+        input token (cosine; :func:`nearest_keys`); 0: to every key of the window.
     """
 
     def __init__(self, n_genes: int, d_model: int = 256, n_heads: int = 4, n_latent: int = 32,
                  n_layers: int = 1, dropout: float = 0.1, token_residual: bool = False, attention: bool = True,
-                 exclude_self: bool = False):
+                 exclude_self: bool = False, neighbours: int = 0):
         super().__init__()
         if token_residual and n_latent != n_genes:
             raise ValueError(f"token_residual needs n_latent == input size, got {n_latent} and {n_genes}")
         self.token_residual, self.attention, self.exclude_self = token_residual, attention, exclude_self
+        self.neighbours = neighbours
         self.n_latent = n_latent
         self.input = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_genes, d_model))
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
@@ -139,6 +155,8 @@ class NeighbourhoodEncoder(nn.Module):
             query = context[:, -c:] if query_x is None else self.input(query_x)
         if self.attention and self.exclude_self:
             key_mask = without_self(key_mask, c)
+        if self.attention and self.neighbours > 0:
+            key_mask = nearest_keys(x, x[:, -c:], key_mask, self.neighbours)
         for block in self.blocks:
             query = block(query, context, key_mask, attend=self.attention, expand=expand)
         z = self.to_latent(query)
