@@ -64,11 +64,12 @@ def check_types(params: dict, hints: dict) -> None:
             raise ParameterError(f"parameter {name} must be {' or '.join(type_names(hint))}, got {value!r}")
 
 
-# training parameters that count things: at least 1, or (the step and component counts) at least 0
+# training parameters that count things: at least 1, or (the step, component and attention-key counts) at least 0
 _AT_LEAST_1 = ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_size", "chunks_per_batch", "d_model",
                "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch", "train_cells",
                "graph_chunk")
-_AT_LEAST_0 = ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs")
+_AT_LEAST_0 = ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs",
+               "attention_neighbours")
 # integer fields where None means "no limit" (every gene, no step cap)
 _NONE_OR_AT_LEAST = {"zinb_genes": 1, "stage1_steps_subsample": 0}
 
@@ -118,8 +119,8 @@ def check_params(params: dict, hints: dict) -> None:
     check_values(params)
 
 
-# fields that must be >= 0 (weights, noise, rates, attention_neighbours); lr and tau must be > 0 (TrainConfig.validate)
-NON_NEGATIVE = ("input_noise", "query_noise", "attention_neighbours", "target_balance", "w_zinb", "w_contrastive", "bucket_weight",
+# float fields that must be >= 0 (weights, noise, rates); lr and tau must be > 0 (TrainConfig.validate)
+NON_NEGATIVE = ("input_noise", "query_noise", "target_balance", "w_zinb", "w_contrastive", "bucket_weight",
                 "w_balance", "w_quantisation", "w_consistency", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
 SEED_MAX = 2**32 - 1  # numpy's legacy generator and scikit-learn's random_state accept [0, 2**32 - 1]
 

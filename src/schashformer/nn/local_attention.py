@@ -81,9 +81,8 @@ def nearest_keys(keys: torch.Tensor, queries: torch.Tensor, key_mask: torch.Tens
         sim = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).transpose(1, 2)
         allowed = key_mask if key_mask.dim() == 3 else key_mask[:, None, :].expand_as(sim)
         top = sim.masked_fill(~allowed, float("-inf")).topk(min(k, sim.shape[-1]), dim=-1).indices
-        keep = torch.zeros_like(allowed).scatter_(-1, top, True) & allowed
-        # a query with no allowed key keeps its row as it was (a softmax needs one key)
-        return torch.where(keep.any(-1, keepdim=True), keep, allowed)
+        # top-k ranks the allowed keys first, so a query with any allowed key keeps at least one (a softmax needs one)
+        return torch.zeros_like(allowed).scatter_(-1, top, True) & allowed
 
 
 class NeighbourhoodEncoder(nn.Module):
