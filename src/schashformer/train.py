@@ -54,9 +54,11 @@ class TrainConfig:
     w_quantisation: float = 0.1
     # stage 2: neighbourhood Transformer + clustering head
     # query cells per attention chunk; each query attends over its chunk and the previous one (2C keys). 4
-    # rather than 8 (or 16): purer windows; over five seeds the suite mean rises 0.657 -> 0.662 (16 -> 8:
-    # +0.003), no set loses more than its seed sd, and stage 2's clustering phase is shorter; the cost is a
-    # larger seed spread on two sets (docs/METHOD_CHOICES.md, "Chunks of 4 at five seeds")
+    # rather than 8 (or 16): over five seeds the suite mean rises 0.657 -> 0.662 (16 -> 8: +0.003), no set
+    # loses more than its seed sd, and stage 2's clustering phase is shorter; the cost is a larger seed
+    # spread on two sets. A stage-2 step holds chunk_size x chunks_per_batch query cells, so this also halved
+    # the batch (256 -> 128), which explains most of the gain: the no-attention ablation gained as much
+    # (docs/METHOD_CHOICES.md, "Chunks of 4 become the default")
     chunk_size: int = 4
     chunks_per_batch: int = 32
     d_model: int = 256
