@@ -35,10 +35,14 @@ def test_tables_from_logs(seed_table, tmp_path):
     assert "Suite mean per seed (0, 1): 0.600, 0.650" in table
     assert "Seed sd above 0.03 on 2 of 2 sets" in table
 
-    base = seed_table.read_logs([probe_log(tmp_path / "base.log", [("A", 0, 0.70), ("A", 1, 0.70), ("B", 0, 0.5)])])
+    base = seed_table.read_logs([probe_log(tmp_path / "base.log", [("A", 0, 0.70), ("A", 1, 0.70), ("B", 0, 0.5),
+                                                                     ("B", 2, 0.3)])])
     compared = "\n".join(seed_table.baseline_table(runs, base))
-    assert "| A | 0.700 ± 0.000 | 0.750 ± 0.071 | +0.050 ** | 2 |" in compared  # beyond the baseline's sd
-    assert "| B | 0.500 ± 0.000 | 0.400 ± 0.000 | -0.100 ** | 1 |" in compared  # only the shared seed
+    assert "| A | 0.700 ± 0.000 | 0.750 ± 0.071 | +0.050 ** | 2 | 0.000 (2) |" in compared  # beyond the baseline's sd
+    # B: the mean over the shared seed 0 only; the flag uses the sd of all the baseline's seeds (0.141)
+    assert "| B | 0.500 ± 0.000 | 0.400 ± 0.000 | -0.100 | 1 | 0.141 (2) |" in compared
+    one_seed = "\n".join(seed_table.baseline_table(runs, {"A": {0: 0.5}}))
+    assert "| A | 0.500 ± 0.000 | 0.800 ± 0.000 | +0.300 | 1 | 0.000 (1) |" in one_seed  # no spread: no flag
 
     peers_csv = tmp_path / "quality.csv"
     with peers_csv.open("w", newline="") as handle:
