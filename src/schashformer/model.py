@@ -92,7 +92,7 @@ input_noise, w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance, w_qu
 attention, stage2_pretrain_steps, stage2_cluster_steps, scale_steps, update_interval, tol, w_consistency, w_kl, \
 w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, graph_chunk, infer_batch, mixed_precision
         Stage 2, the neighbourhood Transformer and clustering head. With ``scale_steps`` (off by
-        default) its two step counts are caps: on fewer than ~4,300 cells each phase passes over the
+        default) its two step counts are caps: on fewer than ~1,070 cells (at 128 query cells a step) each phase passes over the
         cells a fixed number of times instead (at least 50 steps), ~20% faster on 200-cell data. ``latent`` is the width of z
         without ``token_residual``; ``update_interval`` the steps between target refreshes;
         ``tol`` stops when fewer labels change; ``w_kl`` weighs the KL clustering loss and

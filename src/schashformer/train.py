@@ -130,7 +130,8 @@ class TrainConfig:
     def for_cells(self, n_cells: int) -> "TrainConfig":
         """The configuration for a fit on ``n_cells`` cells: each stage-2 phase's step count is the
         number of steps that show every cell :data:`PHASE_EPOCHS` times, at least :data:`MIN_STEPS` and
-        at most the field's value (so the fields are caps, reached from about 4,300 cells up);
+        at most the field's value (so the fields are caps, reached from cap x stage-2 batch / epochs cells
+        up: about 1,070 cells at the defaults' 128 query cells a step);
         unchanged when ``scale_steps`` is off.
 
         Below that size the fixed counts (tuned at ~4k cells) pass over the same cells hundreds of
