@@ -119,12 +119,11 @@ def peer_table(runs: dict[str, dict[int, float]], peers: dict[str, dict[str, lis
         lines.append(f"| {name} | {m:.3f} ± {sd:.3f} | {top} | {means[top]:.3f} | {m - means[top]:+.3f} | {cells} |")
     if not ours:
         return ["No set of these logs is in the peers' CSV."]
+    full = {method: statistics.fmean(v) for method, v in suite.items() if len(v) == len(ours)}  # peers on every set
     lines.append(f"| **mean** | **{statistics.fmean(ours):.3f}** | best per set | {statistics.fmean(best):.3f} | "
                  f"{statistics.fmean(ours) - statistics.fmean(best):+.3f} | "
-                 + " | ".join(f"{statistics.fmean(suite[method]):.3f}" if len(suite[method]) == len(ours) else "–"
-                              for method in methods) + " |")
+                 + " | ".join(f"{full[method]:.3f}" if method in full else "–" for method in methods) + " |")
     lines.append("")
-    full = {method: statistics.fmean(v) for method, v in suite.items() if len(v) == len(ours)}
     if full:
         top = max(full, key=full.get)
         lines.append("Peer suite means (sets above): " + ", ".join(f"{k} {v:.3f}" for k, v in

@@ -1,4 +1,6 @@
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import anndata as ad
 import numpy as np
@@ -15,6 +17,15 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST = dict(stage1_steps=40, stage2_pretrain_steps=40, stage2_cluster_steps=40, hidden=64, hash_latent=32,
             input_noise=0.0, w_contrastive=1.0, w_consistency=1.0,
             d_model=32, latent=8, kmeans_n_init=3, update_interval=20, stage1_batch=128)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (the folder is not a package), for its tests."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

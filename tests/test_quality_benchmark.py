@@ -1,23 +1,15 @@
 """Smoke test of benchmarks/quality.py: its worker and its table/plot writer on a small simulated data set."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from schashformer import io
-from tests.conftest import FAST, simulate_counts
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from tests.conftest import FAST, load_benchmark, simulate_counts
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def test_worker_and_outputs(quality, tmp_path):

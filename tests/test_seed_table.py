@@ -1,20 +1,15 @@
 """benchmarks/seed_table.py: the five-seed tables of docs/METHOD_CHOICES.md from probe_fits.py logs."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def seed_table():
-    spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("seed_table")
 
 
 def probe_log(path, rows):
