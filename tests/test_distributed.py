@@ -157,6 +157,15 @@ def test_refused_input_is_one_line_on_every_rank(one_rank, tmp_path, capsys, mon
     assert not (tmp_path / "o").exists()
 
 
+def test_worker_exit_keeps_its_output_and_status():
+    # a rank ends by os._exit (no interpreter teardown for gloo's threads to abort in): what it printed
+    # into a pipe must still arrive, and its exit status must be the one main returned
+    code = "from schashformer.worker import exit_now; print('result written'); exit_now(3)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe is block-buffered then
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and run.stdout == "result written\n", (run.returncode, run.stdout, run.stderr)
+
+
 @pytest.mark.parametrize("extra", [dict(n_clusters=3), dict(n_clusters=None, w_consistency=0.05, init="leiden")])
 def test_one_rank_reproduces_the_local_loss_history_step_for_step(one_rank, extra):
     """The same engine runs both: a one-rank torch.distributed fit (DistComm, sharded chunks) equals the

@@ -31,5 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if os.environ.get(ERROR_FILE_ENV) else 2
 
 
+def exit_now(code: int) -> None:
+    """Flush what the rank wrote and end the process without the interpreter's teardown.
+
+    Why: gloo's worker and transport threads can still be joinable while the interpreter
+    destroys C++ objects at exit, and libstdc++ then aborts the rank ("terminate called
+    without an active exception", SIGABRT; once in 2-process CI runs, not reproduced in 35
+    runs here); torchrun reports that as a failed run. By this point every file the rank
+    wrote is closed and the process group is destroyed, so skipping the teardown loses nothing.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
