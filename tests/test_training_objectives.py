@@ -1,5 +1,6 @@
-"""The ZINB loss on a gene subset per step (``zinb_genes``) and neighbourhood denoising
-(``query_noise``): the pieces on small tensors, and whole fits on simulated counts."""
+"""The ZINB loss on a gene subset per step (``zinb_genes``), neighbourhood denoising
+(``query_noise``) and the pull towards the nearest chunk mate (``w_neighbour``): the pieces on
+small tensors, and whole fits on simulated counts."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from schashformer.engine import loss_genes
 from schashformer.metrics import clustering_scores
 from schashformer.nn import NeighbourhoodEncoder, ZINBDecoder
 from schashformer.nn.local_attention import nearest_keys, without_self
-from schashformer.nn.losses import zinb_on
+from schashformer.nn.losses import neighbour_pull, zinb_on
 from schashformer.nn.zinb import zinb_nll
 from schashformer.train import TrainConfig
 
@@ -118,6 +119,28 @@ def test_consecutive_chunks_share_key_projections_with_the_same_result(exclude_s
         enc(x[:, c // 2:], mask[:, c // 2:], c, consecutive=True)
 
 
+def test_neighbour_pull_moves_each_query_towards_its_nearest_present_chunk_mate():
+    # one chunk of 4 queries: tokens 0 and 1 are near each other, 2 is near 0's opposite, 3 is absent
+    tokens = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [-1.0, 0.1], [0.95, 0.05]]])
+    present = torch.tensor([[True, True, True, False]])
+    z = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, -0.8], [5.0, 5.0]]], requires_grad=True)
+    loss = neighbour_pull(z, tokens, present)
+    # mates: 0 -> 1 (cos 0), 1 -> 0 (cos 0), 2 -> 1 (nearest present other; cos -0.8): mean distance 3.8 / 3
+    torch.testing.assert_close(loss, torch.tensor(3.8 / 3))
+    loss.backward()
+    assert z.grad[0, 3].abs().sum() == 0  # the absent cell neither pulls nor is pulled
+    assert z.grad[0, 2].abs().sum() > 0
+    # the mate's z is held fixed: cell 1, the mate of 0 and 2, gets the gradient of its own distance only
+    z2 = z.detach().clone().requires_grad_(True)
+    (1 - torch.cosine_similarity(z2[0, 1], z2[0, 0].detach(), dim=0)).div(3).backward()
+    torch.testing.assert_close(z.grad[0, 1], z2.grad[0, 1])
+    # identical mates cost nothing; a chunk with one present query has no pair and costs nothing
+    same = torch.ones(1, 4, 2)
+    assert neighbour_pull(same, tokens, torch.ones(1, 4, dtype=torch.bool)).abs() < 1e-6
+    lone = neighbour_pull(z, tokens, torch.tensor([[False, True, False, False]]))
+    assert lone == 0 and torch.isfinite(lone)
+
+
 def test_query_noise_zero_is_the_plain_fit():
     """query_noise 0 and zinb_genes None are today's fit exactly (the defaults add no random draws)."""
     adata = simulate_counts(n_cells=200, n_genes=100, seed=3)
@@ -128,7 +151,7 @@ def test_query_noise_zero_is_the_plain_fit():
 
 
 @pytest.mark.parametrize("params", [{"zinb_genes": 40}, {"query_noise": 1.0},
-                                    {"query_noise": 1.0, "attention_neighbours": 4}])
+                                    {"query_noise": 1.0, "attention_neighbours": 4}, {"w_neighbour": 0.3}])
 def test_fits_with_either_objective_cluster_simulated_types(params):
     adata = simulate_counts(n_cells=300, n_genes=150, seed=4)
     model = SCHashFormer(3, seed=0, progress=False, **{**FAST, **params}).fit(adata)
@@ -147,6 +170,8 @@ def test_bad_values_are_named():
         SCHashFormer(3, query_noise=-1.0).check_params()
     with pytest.raises(ParameterError, match="attention_neighbours"):
         SCHashFormer(3, attention_neighbours=-2).check_params()
+    with pytest.raises(ParameterError, match="w_neighbour"):
+        SCHashFormer(3, w_neighbour=-0.1).check_params()
 
 
 def test_target_balance_scales_the_size_correction_of_the_dec_target():

@@ -83,6 +83,8 @@ class TrainConfig:
     # 0: every key of the window (docs/METHOD_CHOICES.md)
     attention_neighbours: int = 0
     w_consistency: float = 0.0  # stage-2 InfoNCE between two dropout passes (off: token_residual keeps z discriminative)
+    # weight of the stage-2 term pulling each query's z towards its nearest chunk mate's (neighbour_pull); 0: off
+    w_neighbour: float = 0.0
     # weight of the KL clustering loss: scDeepCluster's 1, not METHOD.md's 0.1 (the ZINB term is a mean per
     # entry, so 0.1 left DEC almost idle: +0.005 worm NMI at 1 with refreshes every 25 steps, docs/METHOD_CHOICES.md)
     w_kl: float = 1.0

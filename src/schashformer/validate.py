@@ -121,7 +121,7 @@ def check_params(params: dict, hints: dict) -> None:
 
 # float fields that must be >= 0 (weights, noise, rates); lr and tau must be > 0 (TrainConfig.validate)
 NON_NEGATIVE = ("input_noise", "query_noise", "target_balance", "w_zinb", "w_contrastive", "bucket_weight",
-                "w_balance", "w_quantisation", "w_consistency", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
+                "w_balance", "w_quantisation", "w_consistency", "w_neighbour", "w_kl", "w_zinb_stage2", "weight_decay", "grad_clip", "tol")
 SEED_MAX = 2**32 - 1  # numpy's legacy generator and scikit-learn's random_state accept [0, 2**32 - 1]
 
 
