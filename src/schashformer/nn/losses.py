@@ -43,8 +43,9 @@ def neighbour_pull(z: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor)
     (B, C). A query's mate is the other present query of its chunk whose input token is the most similar
     (cosine); queries without one are left out. Why: z = token + update, and the token alone cannot move
     towards a neighbour; the update can, most directly from what it reads in the window the two share,
-    which gives attention a job (whether it takes it is measured by the ``attention=False`` ablation). No negatives (an in-batch InfoNCE pushed same-type cells apart and cost mouse bladder
-    0.09-0.11 ARI); the stop-gradient on the mate and the ZINB term keep z from collapsing (SimSiam's argument).
+    which gives attention a job (whether it takes it is measured by the ``attention=False`` ablation).
+    No negatives: an in-batch InfoNCE pushed same-type cells apart and cost mouse bladder 0.09-0.11 ARI;
+    the stop-gradient on the mate and the ZINB term keep z from collapsing (SimSiam's argument).
     """
     c = tokens.shape[1]
     with torch.no_grad():
