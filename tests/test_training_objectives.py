@@ -1,5 +1,6 @@
 """The ZINB loss on a gene subset per step (``zinb_genes``), neighbourhood denoising
-(``query_noise``) and the pull towards the nearest chunk mate (``w_neighbour``): the pieces on
+(``query_noise``), the pull towards the nearest chunk mate (``w_neighbour``) and the target pooled
+with the nearest chunk mates (``pool_mates``): the pieces on
 small tensors, and whole fits on simulated counts."""
 
 import numpy as np
@@ -11,7 +12,7 @@ from schashformer.engine import loss_genes
 from schashformer.metrics import clustering_scores
 from schashformer.nn import NeighbourhoodEncoder, ZINBDecoder
 from schashformer.nn.local_attention import nearest_keys, without_self
-from schashformer.nn.losses import neighbour_pull, zinb_on
+from schashformer.nn.losses import neighbour_pull, pool_chunk_mates, zinb_on
 from schashformer.nn.zinb import zinb_nll
 from schashformer.train import TrainConfig
 
@@ -141,6 +142,23 @@ def test_neighbour_pull_moves_each_query_towards_its_nearest_present_chunk_mate(
     assert lone == 0 and torch.isfinite(lone)
 
 
+def test_pooled_target_adds_the_counts_of_the_nearest_present_chunk_mates():
+    # two chunks of 3: in chunk 0, tokens 0 and 2 are close and 1 is far; in chunk 1 only slot 0 is present
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.2]], [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    present = torch.tensor([[True, True, True], [True, False, False]])
+    counts = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [5.0, 5.0]])  # rows in the order of present
+    sizes = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    pooled, pooled_sizes = pool_chunk_mates(counts, sizes, tokens, present, 1)
+    # 0 -> 2, 1 -> 2 (cos 0.2 against 0), 2 -> 0; the lone query keeps its own counts
+    torch.testing.assert_close(pooled, torch.tensor([[4.0, 0.0], [3.0, 2.0], [4.0, 0.0], [5.0, 5.0]]))
+    torch.testing.assert_close(pooled_sizes, torch.tensor([4.0, 5.0, 4.0, 4.0]))
+    # every mate of a 3-query chunk: each query pools the whole chunk; 0 mates changes nothing
+    every, every_sizes = pool_chunk_mates(counts, sizes, tokens, present, 5)
+    torch.testing.assert_close(every[:3], counts[:3].sum(0).expand(3, 2))
+    torch.testing.assert_close(every_sizes, torch.tensor([6.0, 6.0, 6.0, 4.0]))
+    assert pool_chunk_mates(counts, sizes, tokens, present, 0)[0] is counts
+
+
 def test_query_noise_zero_is_the_plain_fit():
     """query_noise 0 and zinb_genes None are today's fit exactly (the defaults add no random draws)."""
     adata = simulate_counts(n_cells=200, n_genes=100, seed=3)
@@ -151,7 +169,7 @@ def test_query_noise_zero_is_the_plain_fit():
 
 
 @pytest.mark.parametrize("params", [{"zinb_genes": 40}, {"query_noise": 1.0},
-                                    {"query_noise": 1.0, "attention_neighbours": 4}, {"w_neighbour": 0.3}])
+                                    {"query_noise": 1.0, "attention_neighbours": 4}, {"w_neighbour": 0.3}, {"pool_mates": 1}])
 def test_fits_with_either_objective_cluster_simulated_types(params):
     adata = simulate_counts(n_cells=300, n_genes=150, seed=4)
     model = SCHashFormer(3, seed=0, progress=False, **{**FAST, **params}).fit(adata)
@@ -172,6 +190,8 @@ def test_bad_values_are_named():
         SCHashFormer(3, attention_neighbours=-2).check_params()
     with pytest.raises(ParameterError, match="w_neighbour"):
         SCHashFormer(3, w_neighbour=-0.1).check_params()
+    with pytest.raises(ParameterError, match="pool_mates"):
+        SCHashFormer(3, pool_mates=-1).check_params()
 
 
 def test_target_balance_scales_the_size_correction_of_the_dec_target():

@@ -539,7 +539,8 @@ class NeighbourhoodStage:
         cfg = self.cfg
         return NeighbourhoodLoss(self.encoder, self.decoder, self.head if with_kl else None, chunk_size=cfg.chunk_size,
                                  tau=cfg.tau, w_zinb=cfg.w_zinb_stage2, w_consistency=cfg.w_consistency, w_kl=cfg.w_kl,
-                                 query_noise=cfg.query_noise, w_neighbour=cfg.w_neighbour)
+                                 query_noise=cfg.query_noise, w_neighbour=cfg.w_neighbour,
+                                 pool_mates=cfg.pool_mates)
 
     def phase(self, with_kl: bool) -> Phase:
         """Pre-training (ZINB only, phase ``"pretrain"``) or clustering (+ KL(P || Q), ``"cluster"``) as a

@@ -89,7 +89,7 @@ input_noise, w_zinb, w_contrastive, bucket_weight, detach_codes, w_balance, w_qu
         log2(cells / 16) clipped to [4, 16]; ``tau`` is the contrastive temperature;
         ``input_noise`` the view noise in units of the mean absolute standardised input.
     chunk_size, chunks_per_batch, d_model, attn_heads, layers, latent, token_pcs, token_residual, \
-attention, stage2_pretrain_steps, stage2_cluster_steps, scale_steps, update_interval, tol, w_consistency, w_neighbour, w_kl, \
+attention, stage2_pretrain_steps, stage2_cluster_steps, scale_steps, update_interval, tol, w_consistency, w_neighbour, pool_mates, w_kl, \
 w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_neighbors, graph_chunk, infer_batch, mixed_precision
         Stage 2, the neighbourhood Transformer and clustering head. With ``scale_steps`` (off by
         default) its two step counts are caps: on fewer than ~1,070 cells (at 128 query cells a step) each phase passes over the
@@ -102,6 +102,8 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
         ``attention_neighbours`` (> 0) lets each query attend only to that many keys of its window, the
         nearest to its own token (0: the whole window); ``w_neighbour`` (> 0) weighs a stage-2 term pulling
         each cell's z towards the z of its most similar chunk mate (a reason for the update to read the window);
+        ``pool_mates`` (> 0) adds to each cell's stage-2 reconstruction target the counts of that many most similar
+        chunk mates;
         ``zinb_genes`` is the number of genes (a fresh random
         subset each step) in both stages' ZINB loss (None: all); ``init`` is 'auto' (k-means on z or Leiden at K on z's kNN graph, whichever partition has the higher silhouette), 'kmeans' or 'leiden' (on the hash kNN graph); ``graph_chunk`` is the cells per chunk of that graph's candidate windows (K estimation too), apart from the attention's ``chunk_size``; ``mixed_precision`` trains in bfloat16
         autocast on a CUDA GPU, and the out-of-core passes hash and embed every cell in bfloat16 where the
@@ -148,6 +150,7 @@ w_zinb_stage2, dropout, lr, weight_decay, grad_clip, kmeans_n_init, init, graph_
                  update_interval: int = _TRAIN.update_interval, tol: float = _TRAIN.tol,
                  query_noise: float = _TRAIN.query_noise, attention_neighbours: int = _TRAIN.attention_neighbours,
                  w_consistency: float = _TRAIN.w_consistency, w_neighbour: float = _TRAIN.w_neighbour,
+                 pool_mates: int = _TRAIN.pool_mates,
                  w_kl: float = _TRAIN.w_kl,
                  w_zinb_stage2: float = _TRAIN.w_zinb_stage2, target_balance: float | None = _TRAIN.target_balance,
                  zinb_genes: int | None = _TRAIN.zinb_genes,

@@ -85,6 +85,9 @@ class TrainConfig:
     w_consistency: float = 0.0  # stage-2 InfoNCE between two dropout passes (off: token_residual keeps z discriminative)
     # weight of the stage-2 term pulling each query's z towards its nearest chunk mate's (neighbour_pull); 0: off
     w_neighbour: float = 0.0
+    # > 0: each stage-2 query's ZINB target adds the counts of this many nearest chunk mates (by token cosine), which
+    # the token alone cannot predict (pool_chunk_mates); 0: the cell's own counts
+    pool_mates: int = 0
     # weight of the KL clustering loss: scDeepCluster's 1, not METHOD.md's 0.1 (the ZINB term is a mean per
     # entry, so 0.1 left DEC almost idle: +0.005 worm NMI at 1 with refreshes every 25 steps, docs/METHOD_CHOICES.md)
     w_kl: float = 1.0

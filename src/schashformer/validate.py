@@ -69,7 +69,7 @@ _AT_LEAST_1 = ("hash_heads", "hidden", "hash_latent", "stage1_batch", "chunk_siz
                "attn_heads", "layers", "latent", "update_interval", "kmeans_n_init", "infer_batch", "train_cells",
                "graph_chunk")
 _AT_LEAST_0 = ("stage1_steps", "stage2_pretrain_steps", "stage2_cluster_steps", "input_pcs", "token_pcs",
-               "attention_neighbours")
+               "attention_neighbours", "pool_mates")
 # integer fields where None means "no limit" (every gene, no step cap)
 _NONE_OR_AT_LEAST = {"zinb_genes": 1, "stage1_steps_subsample": 0}
 

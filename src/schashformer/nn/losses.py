@@ -59,6 +59,36 @@ def neighbour_pull(z: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor)
     return 1 - F.cosine_similarity(z[anchor], mate_z[anchor], dim=-1).mean()
 
 
+def pool_chunk_mates(counts: torch.Tensor, size_factors: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor,
+                     n_mates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's counts and size factor plus those of its ``n_mates`` nearest chunk mates (by token cosine).
+
+    ``counts`` (n, genes) and ``size_factors`` (n,) are the present queries' in the row-major order of
+    ``present`` (B, C); ``tokens`` (B, C, width) their input tokens. Returns the pooled (n, genes) and (n,);
+    a query with fewer present mates pools the ones it has. Why: a ZINB target that holds a neighbour's
+    counts cannot be reconstructed from the cell's own token alone, only by an update that reads the
+    window the two share; a sum of counts is still a count, and the summed size factor keeps the mean
+    per unit of depth.
+    """
+    b, c = present.shape
+    k = min(n_mates, c - 1)
+    if k <= 0 or not len(counts):
+        return counts, size_factors
+    with torch.no_grad():
+        t = F.normalize(tokens, dim=-1)
+        mates = present[:, None, :] & present[:, :, None] & ~torch.eye(c, dtype=torch.bool, device=tokens.device)
+        similarity, nearest = (t @ t.transpose(1, 2)).masked_fill(~mates, float("-inf")).topk(k, dim=-1)  # (B, C, k)
+        position = (torch.cumsum(present.reshape(-1).long(), 0) - 1).view(b, c)  # row of each (chunk, slot) in counts
+        mate_rows = position.gather(1, nearest.view(b, -1)).view(b, c, k)[present]  # (n, k)
+        valid = torch.isfinite(similarity)[present]  # (n, k)
+    pooled, sizes = counts.clone(), size_factors.clone()
+    for j in range(k):  # k is 1..C-1: a loop over mate ranks, never over cells
+        on = valid[:, j]
+        pooled[on] += counts[mate_rows[on, j]]
+        sizes[on] += size_factors[mate_rows[on, j]]
+    return pooled, sizes
+
+
 def zinb_on(decoder: ZINBDecoder, z: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
             batch_onehot: torch.Tensor | None, genes: torch.Tensor | None) -> torch.Tensor:
     """Mean ZINB NLL of ``counts`` (cells, genes) decoded from ``z``; with ``genes`` (g,) only those columns,
@@ -137,6 +167,8 @@ class NeighbourhoodLoss(nn.Module):
     tau : temperature of the consistency InfoNCE.
     w_zinb, w_consistency, w_kl, w_neighbour : weights of the terms (``w_neighbour``: :func:`neighbour_pull`,
         a mean over this process's queries, weighted by ``share`` like the other means over cells).
+    pool_mates : > 0: the ZINB target of each query is its counts plus those of this many nearest chunk
+        mates (:func:`pool_chunk_mates`); 0: its own counts.
     query_noise : sd of the Gaussian noise added to each query's own token in training, in units of
         the batch's root-mean-square token entry (0: none). The keys stay clean and (with the
         encoder's ``exclude_self``) exclude the query's own token, so what the corrupted query lacks
@@ -145,8 +177,9 @@ class NeighbourhoodLoss(nn.Module):
 
     def __init__(self, encoder: NeighbourhoodEncoder, decoder: ZINBDecoder, head: ClusterHead | None, *,
                  chunk_size: int, tau: float, w_zinb: float, w_consistency: float, w_kl: float,
-                 query_noise: float = 0.0, w_neighbour: float = 0.0):
+                 query_noise: float = 0.0, w_neighbour: float = 0.0, pool_mates: int = 0):
         super().__init__()
+        self.pool_mates = pool_mates
         self.encoder, self.decoder, self.head = encoder, decoder, head
         self.chunk_size, self.tau = chunk_size, tau
         self.w_zinb, self.w_consistency, self.w_kl, self.w_neighbour = w_zinb, w_consistency, w_kl, w_neighbour
@@ -184,6 +217,8 @@ class NeighbourhoodLoss(nn.Module):
         z_chunks = self.encoder(x, mask, n_query=c, query_x=self.corrupted_queries(x, mask))
         z = z_chunks[mask[:, -c:]]
         if len(z):
+            if self.pool_mates > 0:
+                counts, size_factors = pool_chunk_mates(counts, size_factors, x[:, -c:], mask[:, -c:], self.pool_mates)
             zinb = zinb_on(self.decoder, z, counts, size_factors, batch_onehot, genes)
         else:  # no query cell in this process this step (a mean over none is undefined)
             zinb = z.sum() * 0.0
