@@ -179,11 +179,10 @@ class NeighbourhoodLoss(nn.Module):
                  chunk_size: int, tau: float, w_zinb: float, w_consistency: float, w_kl: float,
                  query_noise: float = 0.0, w_neighbour: float = 0.0, pool_mates: int = 0):
         super().__init__()
-        self.pool_mates = pool_mates
         self.encoder, self.decoder, self.head = encoder, decoder, head
         self.chunk_size, self.tau = chunk_size, tau
         self.w_zinb, self.w_consistency, self.w_kl, self.w_neighbour = w_zinb, w_consistency, w_kl, w_neighbour
-        self.query_noise = query_noise
+        self.query_noise, self.pool_mates = query_noise, pool_mates
 
     batch_terms = frozenset({"consistency"})
 
