@@ -36,6 +36,17 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def chunk_mate_similarity(tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Cosine of the input ``tokens`` (B, C, width) of each chunk's C queries to their chunk mates, (B, C, C);
+    -inf where the pair is not two different present queries (``present`` (B, C)). No gradient: the choice
+    of mates is not trained."""
+    c = tokens.shape[1]
+    with torch.no_grad():
+        t = F.normalize(tokens, dim=-1)
+        mates = present[:, None, :] & present[:, :, None] & ~torch.eye(c, dtype=torch.bool, device=tokens.device)
+        return (t @ t.transpose(1, 2)).masked_fill(~mates, float("-inf"))
+
+
 def neighbour_pull(z: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance from each query's z to the z of its nearest chunk mate, the mate's z held fixed.
 
@@ -47,12 +58,9 @@ def neighbour_pull(z: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor)
     No negatives: an in-batch InfoNCE pushed same-type cells apart and cost mouse bladder 0.09-0.11 ARI;
     the stop-gradient on the mate and the ZINB term keep z from collapsing (SimSiam's argument).
     """
-    c = tokens.shape[1]
-    with torch.no_grad():
-        t = F.normalize(tokens, dim=-1)
-        mates = present[:, None, :] & present[:, :, None] & ~torch.eye(c, dtype=torch.bool, device=z.device)
-        nearest = (t @ t.transpose(1, 2)).masked_fill(~mates, float("-inf")).argmax(-1)  # (B, C)
-        anchor = mates.any(-1)
+    similarity = chunk_mate_similarity(tokens, present)
+    nearest = similarity.argmax(-1)  # (B, C)
+    anchor = present & (present.sum(-1, keepdim=True) > 1)  # present queries with a present mate
     if not anchor.any():
         return z.sum() * 0.0
     mate_z = z.gather(1, nearest[..., None].expand_as(z)).detach()
@@ -75,9 +83,7 @@ def pool_chunk_mates(counts: torch.Tensor, size_factors: torch.Tensor, tokens: t
     if k <= 0 or not len(counts):
         return counts, size_factors
     with torch.no_grad():
-        t = F.normalize(tokens, dim=-1)
-        mates = present[:, None, :] & present[:, :, None] & ~torch.eye(c, dtype=torch.bool, device=tokens.device)
-        similarity, nearest = (t @ t.transpose(1, 2)).masked_fill(~mates, float("-inf")).topk(k, dim=-1)  # (B, C, k)
+        similarity, nearest = chunk_mate_similarity(tokens, present).topk(k, dim=-1)  # (B, C, k)
         position = (torch.cumsum(present.reshape(-1).long(), 0) - 1).view(b, c)  # row of each (chunk, slot) in counts
         mate_rows = position.gather(1, nearest.view(b, -1)).view(b, c, k)[present]  # (n, k)
         valid = torch.isfinite(similarity)[present]  # (n, k)
