@@ -232,6 +232,26 @@ def test_stage1_noise_is_relative_to_the_mean_absolute_input(sim):
     assert view_noise_sd(CellData(prepare(shallow, n_top_genes=100)), TrainConfig(input_noise=1.0)) < view_noise_sd(data, TrainConfig(input_noise=1.0))
 
 
+def test_stage1_views_mask_then_add_noise_and_split_the_batch_across_processes():
+    """Each view keeps an entry with probability keep and adds the noise; a process holding some rows of
+    the batch gets exactly those rows of the views that one process would draw for the whole batch."""
+    import torch
+    from schashformer.engine import masked_views
+
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 40)).astype(np.float32)) + 5.0  # no zeros
+    v1, v2 = masked_views(x, 300, None, 0.8, 0.0, torch.Generator().manual_seed(1))
+    for v in (v1, v2):
+        kept = v != 0
+        assert torch.equal(v[kept], x[kept])  # no noise: an entry is the input or 0
+        assert 0.77 < kept.float().mean().item() < 0.83
+    assert not torch.equal(v1, v2)  # two masks
+    n1, n2 = masked_views(x, 300, None, 0.8, 0.5, torch.Generator().manual_seed(1))
+    assert 0.45 < (n1 - v1).std().item() < 0.55  # the same masks (same stream), plus noise of sd 0.5
+    mine = np.array([3, 17, 250])
+    p1, p2 = masked_views(x[mine], 300, mine, 0.8, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(p1, n1[mine]) and torch.equal(p2, n2[mine])
+
+
 def test_start_partition_chosen_by_silhouette_keeps_unequal_types():
     """k-means with K = 3 on one wide type and two small ones splits the wide type and merges the small
     ones; Leiden on the kNN graph keeps them, and the silhouette prefers that partition."""

@@ -339,6 +339,29 @@ def loss_genes(n_genes: int, cfg: TrainConfig, rng: np.random.Generator, device:
     return torch.from_numpy(np.sort(rng.choice(n_genes, k, replace=False))).to(device)
 
 
+def masked_views(x: torch.Tensor, n_batch: int, mine: np.ndarray | None, keep: float, noise: float,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's two augmented views of ``x`` (rows, genes): each entry kept with probability ``keep``,
+    then Gaussian noise of sd ``noise`` added.
+
+    The masks and noise are drawn for the whole batch of ``n_batch`` rows, alike in every process, and
+    this process keeps its rows ``mine`` (None: all of them). Both views are drawn as one (2, rows, genes)
+    tensor and combined in place, which saves a few temporaries: on a 512 x 2,000 batch with 2 threads the
+    draws take 19.8 ms instead of 22.8 (medians), a whole stage-1 step 84 ms instead of 86
+    (docs/METHOD_CHOICES.md). The random stream is the one the four separate draws took whenever
+    rows x genes is a multiple of 16 (2,000 genes always is), so those fits are unchanged.
+    """
+    shape = (2, n_batch, x.shape[1])
+    keep_mask = torch.rand(shape, generator=gen, device=x.device).lt_(keep)  # 1.0 where kept, 0.0 where masked
+    views = (torch.randn(shape, generator=gen, device=x.device).mul_(noise) if noise > 0
+             else torch.zeros(shape, device=x.device))
+    if mine is not None:
+        rows = torch.from_numpy(mine).to(x.device)
+        keep_mask, views = keep_mask[:, rows], views[:, rows]
+    views.addcmul_(x, keep_mask)
+    return views[0], views[1]
+
+
 def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np.random.Generator, *,
                   home: np.ndarray | None = None, comm: Comm = LOCAL) -> Phase:
     """Stage 1 as a :class:`Phase`: global minibatches of ``cfg.stage1_batch`` rows, two masked and
@@ -367,14 +390,7 @@ def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
         x = data.inputs(local)
         counts, sf, onehot = data.targets(local)
         genes = loss_genes(n_genes, cfg, rng, data.device)
-        # the whole batch's masks and noise are drawn in every process alike; each keeps its rows
-        shape = (len(rows), n_genes)
-        pick = (lambda t: t) if len(mine) == len(rows) else (lambda t: t[torch.from_numpy(mine).to(t.device)])
-        x1 = x * pick(torch.rand(shape, generator=gen, device=data.device) < keep)
-        x2 = x * pick(torch.rand(shape, generator=gen, device=data.device) < keep)
-        if noise > 0:
-            x1 = x1 + noise * pick(torch.randn(shape, generator=gen, device=data.device))
-            x2 = x2 + noise * pick(torch.randn(shape, generator=gen, device=data.device))
+        x1, x2 = masked_views(x, len(rows), None if len(mine) == len(rows) else mine, keep, noise, gen)
         return loss_module(x1, x2, counts, sf, onehot, share=len(mine) / len(rows), gather=comm.gather_rows,
                            genes=genes)
 
