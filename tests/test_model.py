@@ -248,7 +248,7 @@ def test_stage1_views_mask_then_add_noise_and_split_the_batch_across_processes()
     n1, n2 = masked_views(x, 300, None, 0.8, 0.5, torch.Generator().manual_seed(1))
     assert 0.45 < (n1 - v1).std().item() < 0.55  # the same masks (same stream), plus noise of sd 0.5
     mine = np.array([3, 17, 250])
-    p1, p2 = masked_views(x[mine], 300, mine, 0.8, 0.5, torch.Generator().manual_seed(1))
+    p1, p2 = masked_views(x[mine], 300, mine, 0.8, 0.5, torch.Generator().manual_seed(1))  # (2, rows, genes)
     assert torch.equal(p1, n1[mine]) and torch.equal(p2, n2[mine])
 
 

@@ -340,9 +340,9 @@ def loss_genes(n_genes: int, cfg: TrainConfig, rng: np.random.Generator, device:
 
 
 def masked_views(x: torch.Tensor, n_batch: int, mine: np.ndarray | None, keep: float, noise: float,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1's two augmented views of ``x`` (rows, genes): each entry kept with probability ``keep``,
-    then Gaussian noise of sd ``noise`` added.
+                 gen: torch.Generator) -> torch.Tensor:
+    """Stage 1's two augmented views (2, rows, genes) of ``x`` (rows, genes): each entry kept with probability
+    ``keep``, then Gaussian noise of sd ``noise`` added.
 
     The masks and noise are drawn for the whole batch of ``n_batch`` rows, alike in every process, and
     this process keeps its rows ``mine`` (None: all of them). Both views are drawn as one (2, rows, genes)
@@ -358,8 +358,7 @@ def masked_views(x: torch.Tensor, n_batch: int, mine: np.ndarray | None, keep: f
     if mine is not None:
         rows = torch.from_numpy(mine).to(x.device)
         keep_mask, views = keep_mask[:, rows], views[:, rows]
-    views.addcmul_(x, keep_mask)
-    return views[0], views[1]
+    return views.addcmul_(x, keep_mask)
 
 
 def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np.random.Generator, *,
@@ -390,8 +389,8 @@ def hashing_phase(indexer: LSHIndexer, data: CellData, cfg: TrainConfig, rng: np
         x = data.inputs(local)
         counts, sf, onehot = data.targets(local)
         genes = loss_genes(n_genes, cfg, rng, data.device)
-        x1, x2 = masked_views(x, len(rows), None if len(mine) == len(rows) else mine, keep, noise, gen)
-        return loss_module(x1, x2, counts, sf, onehot, share=len(mine) / len(rows), gather=comm.gather_rows,
+        views = masked_views(x, len(rows), None if len(mine) == len(rows) else mine, keep, noise, gen)
+        return loss_module(views, counts, sf, onehot, share=len(mine) / len(rows), gather=comm.gather_rows,
                            genes=genes)
 
     def load_loop(state):

@@ -133,22 +133,27 @@ class HashingLoss(nn.Module):
         return {"zinb": self.w_zinb, "contrastive": self.w_contrastive, "balance": self.w_balance,
                 "quantisation": self.w_quantisation}
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
+    def forward(self, views: torch.Tensor, counts: torch.Tensor, size_factors: torch.Tensor,
                 batch_onehot: torch.Tensor | None, share: float = 1.0, gather: Gather = _identity,
                 genes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Views (rows, genes) of this process's rows -> (loss, detached terms).
+        """The two views (2, rows, genes) of this process's rows -> (loss, detached terms).
 
         ``terms["zinb"]`` is this process's share of the ZINB mean (over the ``genes`` subset when
         given, see :func:`zinb_on`); the other terms are the whole batch's (identical in every process).
         """
         ix = self.indexer
-        hidden1, hidden2 = ix.encode(x1), ix.encode(x2)
+        n = views.shape[1]
+        # both views through the encoder as one (2 rows, genes) batch: one larger matrix product and half the
+        # kernels (fwd + bwd 17.7 ms instead of 20.0 at 512 x 2,000); row-wise layers, so each row's output is
+        # the same as encoding the views apart
+        hidden = ix.encode(views.reshape(2 * n, views.shape[2]))
+        hidden1, hidden2 = hidden[:n], hidden[n:]
         src1, src2 = (hidden1.detach(), hidden2.detach()) if self.detach_codes else (hidden1, hidden2)
         h1, h2 = gather(ix.soft_codes(src1)), gather(ix.soft_codes(src2))
         terms = {"contrastive": bucket_contrastive_loss(h1, h2, ix.codes(h1.detach()), self.tau, self.bucket_weight),
                  "balance": bit_balance_loss(h1), "quantisation": (h1 - h1.detach().round()).abs().mean()}
         loss = self.w_contrastive * terms["contrastive"]
-        if len(x1):
+        if n:
             zinb = zinb_on(ix.decoder, hidden1, counts, size_factors, batch_onehot, genes)
             zinb = zinb if share == 1 else zinb * share
             # w_zinb = 0 leaves the term out of the graph (ablation): the decoder gets no gradient
