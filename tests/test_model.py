@@ -233,40 +233,23 @@ def test_stage1_noise_is_relative_to_the_mean_absolute_input(sim):
 
 
 def test_stage1_views_mask_then_add_noise_and_split_the_batch_across_processes():
-    """Each view keeps an entry with probability keep and adds noise of the given sd, with masks and noise
-    distinct for every row and view of a step; a process holding some rows of the batch gets exactly those
-    rows of the views that one process would draw for the whole batch."""
+    """Each view keeps an entry with probability keep and adds the noise; a process holding some rows of
+    the batch gets exactly those rows of the views that one process would draw for the whole batch."""
     import torch
-    from schashformer.engine import ViewAugmentation
+    from schashformer.engine import masked_views
 
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 40)).astype(np.float32)) + 5.0  # no zeros
-    clean = ViewAugmentation(300, 40, 0.8, 0.0, torch.Generator().manual_seed(1))
-    seen = []
-    for _ in range(3):
-        v1, v2 = clean(x, 300)
-        for v in (v1, v2):
-            kept = v != 0
-            assert torch.equal(v[kept], x[kept])  # no noise: an entry is the input or 0
-            assert 0.77 < kept.float().mean().item() < 0.83
-        masks = torch.cat([v1, v2]) != 0
-        assert torch.unique(masks, dim=0).shape[0] == 600  # every row and view its own mask
-        seen.append(masks)
-    assert not torch.equal(seen[0], seen[1])  # and other masks at the next step
-
-    noisy = ViewAugmentation(300, 40, 0.8, 0.5, torch.Generator().manual_seed(1))
-    n1, n2 = noisy(torch.full((300, 40), 100.0), 300)
-    for v in (n1, n2):
-        kept = v > 50  # a kept entry is 100 + noise, a masked one noise alone
+    v1, v2 = masked_views(x, 300, None, 0.8, 0.0, torch.Generator().manual_seed(1))
+    for v in (v1, v2):
+        kept = v != 0
+        assert torch.equal(v[kept], x[kept])  # no noise: an entry is the input or 0
         assert 0.77 < kept.float().mean().item() < 0.83
-        assert 0.45 < (v - 100.0 * kept).std().item() < 0.55
-    assert not torch.allclose(n1, n2)
-
+    assert not torch.equal(v1, v2)  # two masks
+    n1, n2 = masked_views(x, 300, None, 0.8, 0.5, torch.Generator().manual_seed(1))
+    assert 0.45 < (n1 - v1).std().item() < 0.55  # the same masks (same stream), plus noise of sd 0.5
     mine = np.array([3, 17, 250])
-    full = ViewAugmentation(300, 40, 0.8, 0.5, torch.Generator().manual_seed(2))(x, 300)
-    part = ViewAugmentation(300, 40, 0.8, 0.5, torch.Generator().manual_seed(2))(x[mine], 300, mine)
-    assert torch.equal(part, full[:, mine])
-    # a last, shorter batch
-    assert ViewAugmentation(300, 40, 0.8, 0.5, torch.Generator().manual_seed(2))(x[:7], 7).shape == (2, 7, 40)
+    p1, p2 = masked_views(x[mine], 300, mine, 0.8, 0.5, torch.Generator().manual_seed(1))  # (2, rows, genes)
+    assert torch.equal(p1, n1[mine]) and torch.equal(p2, n2[mine])
 
 
 def test_start_partition_chosen_by_silhouette_keeps_unequal_types():
