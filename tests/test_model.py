@@ -252,6 +252,27 @@ def test_stage1_views_mask_then_add_noise_and_split_the_batch_across_processes()
     assert torch.equal(p1, n1[mine]) and torch.equal(p2, n2[mine])
 
 
+def test_stage1_encodes_both_views_as_one_batch_row_by_row():
+    """HashingLoss encodes the (2, rows, genes) views as one batch: each view's hidden layer equals that view
+    encoded alone (dropout included, same random stream), so the batching is not a change of method."""
+    import torch
+    from schashformer.nn.lsh import LSHIndexer
+
+    torch.manual_seed(0)
+    indexer = LSHIndexer(50, n_hidden=32, n_latent=8, n_heads=2, n_bits=4).train()
+    views = torch.randn(2, 30, 50)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        apart = [indexer.encode(views[0]), indexer.encode(views[1])]
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        together = indexer.encode(views.reshape(60, 50))
+    # equal up to float rounding (a matrix product's blocking may depend on its rows); another dropout mask would
+    # move entries by O(1)
+    assert torch.allclose(together[:30], apart[0], atol=1e-5) and torch.allclose(together[30:], apart[1], atol=1e-5)
+    assert not torch.equal(apart[0], indexer.eval().encode(views[0]))  # dropout was on: the test can fail
+
+
 def test_start_partition_chosen_by_silhouette_keeps_unequal_types():
     """k-means with K = 3 on one wide type and two small ones splits the wide type and merges the small
     ones; Leiden on the kNN graph keeps them, and the silhouette prefers that partition."""
