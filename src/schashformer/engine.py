@@ -348,8 +348,9 @@ def masked_views(x: torch.Tensor, n_batch: int, mine: np.ndarray | None, keep: f
     this process keeps its rows ``mine`` (None: all of them). Both views are drawn as one (2, rows, genes)
     tensor and combined in place, which saves a few temporaries: on a 512 x 2,000 batch with 2 threads the
     draws take 19.8 ms instead of 22.8 (medians), a whole stage-1 step 84 ms instead of 86
-    (docs/METHOD_CHOICES.md, "Stage-1 views as one tensor and one encoder pass"). The random stream is the one the four separate draws took whenever
-    rows x genes is a multiple of 16 (2,000 genes always is), so those fits are unchanged.
+    (docs/METHOD_CHOICES.md, "Stage-1 views as one tensor and one encoder pass"). The random stream is the
+    one the four separate draws took whenever rows x genes is a multiple of 16 (2,000 genes always is), so
+    those fits are unchanged.
     """
     shape = (2, n_batch, x.shape[1])
     keep_mask = torch.rand(shape, generator=gen, device=x.device).lt_(keep)  # 1.0 where kept, 0.0 where masked
