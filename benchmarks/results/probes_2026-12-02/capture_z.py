@@ -1,5 +1,5 @@
 """Capture the pre-trained z (where the DEC centres are placed) of default fits; offline start probes."""
-import sys, os, json, time
+import sys, os, time
 import numpy as np
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]  # the repository

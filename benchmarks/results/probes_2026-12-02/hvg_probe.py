@@ -34,7 +34,6 @@ def select_genes(sums, n_top_genes):
     return CURRENT["cols"] if "cols" in CURRENT else orig_select(sums, n_top_genes)
 preprocess.prepare = prepare
 preprocess.select_genes = select_genes
-import schashformer.model as model_mod
 for mod in list(sys.modules.values()):
     if getattr(mod, "__name__", "").startswith("schashformer") and hasattr(mod, "prepare") and mod is not preprocess:
         if getattr(mod, "prepare") is orig_prepare:

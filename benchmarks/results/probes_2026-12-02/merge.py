@@ -1,7 +1,7 @@
 import sys, glob, numpy as np, warnings, scipy.sparse as sp
 warnings.filterwarnings("ignore")
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score as ari, silhouette_score
+from sklearn.metrics import adjusted_rand_score as ari
 from sklearn.neighbors import kneighbors_graph
 
 def greedy_merge(lab, g, k, mode):

@@ -1,6 +1,6 @@
 import sys, glob, numpy as np, warnings
 warnings.filterwarnings("ignore")
-from sklearn.cluster import KMeans, AgglomerativeClustering
+from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score as ari, silhouette_score
 
 def spread_merge(z, lab, k, mode):

@@ -1,14 +1,12 @@
 import sys, glob, numpy as np, warnings
 warnings.filterwarnings("ignore")
 from sklearn.cluster import KMeans, AgglomerativeClustering
-from sklearn.metrics import adjusted_rand_score as ari, silhouette_score
+from sklearn.metrics import adjusted_rand_score as ari
 from sklearn.neighbors import kneighbors_graph
 from sklearn.preprocessing import normalize
 
 def merge(z, lab, k, linkage):
     cents = np.stack([z[lab == c].mean(0) for c in range(lab.max() + 1)])
-    if linkage == "wardw":  # ward on cells restricted: approximate with cluster-size weighting via repeats not available
-        raise ValueError
     ag = AgglomerativeClustering(k, linkage=linkage).fit(cents)
     return ag.labels_[lab]
 
