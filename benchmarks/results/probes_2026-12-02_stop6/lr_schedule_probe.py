@@ -20,15 +20,16 @@ from schashformer import engine
 PHASES = os.environ.get("LR_PHASES", "stage1").split(",")
 PEAK = float(os.environ.get("LR_PEAK", "1"))
 FLOOR = float(os.environ.get("LR_FLOOR", "0"))
-made = []
+ADAMW = torch.optim.AdamW
+current = {}  # the optimiser of the phase running now
 
 
-class RecordedAdamW(torch.optim.AdamW):
-    """AdamW that remembers its last instance, so the step wrapper can set its learning rate."""
+class RecordedAdamW(ADAMW):
+    """AdamW that keeps a handle on itself, so the step wrapper can set its learning rate."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        made.append(self)
+        current["optimiser"] = self
 
 
 orig = engine.run_phase
@@ -41,15 +42,16 @@ def run_phase(phase, history, cfg, **kw):
 
     def step(i, bar):
         lr = cfg.lr * PEAK * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * min(i / n, 1.0))))
-        for group in made[-1].param_groups:
+        for group in current["optimiser"].param_groups:
             group["lr"] = lr
         return inner(i, bar)
 
-    engine.torch.optim.AdamW = RecordedAdamW
+    torch.optim.AdamW = RecordedAdamW  # run_phase builds its optimiser from torch.optim
     try:
         orig(dataclasses.replace(phase, step=step), history, cfg, **kw)
     finally:
-        engine.torch.optim.AdamW = RecordedAdamW.__mro__[1]
+        torch.optim.AdamW = ADAMW
+        current.clear()
 
 
 engine.run_phase = run_phase
