@@ -41,7 +41,7 @@ def inputs(self, rows):
     mu = n_c * gene_share(prep)[None, :]
     r = (counts - mu) / np.sqrt(mu + mu * mu / THETA)
     clip = float(os.environ.get("RESID_CLIP", np.sqrt(prep.n_cells)))
-    return torch.from_numpy(np.clip(r, -clip, clip, out=r).astype(np.float32)).to(self.device)
+    return torch.from_numpy(np.clip(r, -clip, clip, out=r)).to(self.device)
 
 
 data_module.CellData.inputs = inputs
